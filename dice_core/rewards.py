@@ -1,0 +1,217 @@
+"""Implicit-reward scoring: r(x, y) = sum log pi(y | x) - sum log ref(y | x), no beta.
+
+Sums run over the response tokens including the final EOS, never over prompt tokens, with
+log-probs in fp32. Sequences are batched by length under a token budget. The language-model
+head is applied only at response positions and the vocabulary is processed in chunks, so no
+batch x length x vocabulary tensor is ever held. The two models are scored one after the
+other: only one is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dice_core.config import RewardsConfig
+from dice_core.models import load_causal_lm, load_tokenizer
+from dice_core.tokens import EncodedResponse, encode_response, render_prompt
+
+log = logging.getLogger(__name__)
+_TOKEN_CHUNK = 4096
+
+
+def encode_rows(tokenizer, rows: Sequence[dict[str, Any]]) -> list[EncodedResponse]:
+    """Tokenise `{prompt, response}` rows the way training will."""
+    rendered: dict[str, str] = {}
+    encoded = []
+    for row in rows:
+        text = rendered.setdefault(row["prompt"], render_prompt(tokenizer, row["prompt"]))
+        encoded.append(encode_response(tokenizer, text, row["response"]))
+    return encoded
+
+
+def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Group indices, longest first, so that rows x longest row stays within the budget."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for index in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
+def _pad(items: list[EncodedResponse], pad_id: int, side: str) -> tuple[torch.Tensor, ...]:
+    """Padded ids, attention mask and position ids (positions count real tokens only)."""
+    width = max(len(i.prompt_ids) + len(i.response_ids) for i in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, item in enumerate(items):
+        seq = torch.tensor(item.prompt_ids + item.response_ids)
+        start = 0 if side == "right" else width - len(seq)
+        ids[row, start : start + len(seq)] = seq
+        mask[row, start : start + len(seq)] = 1
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+def _response_positions(items: list[EncodedResponse], width: int, side: str):
+    """(row, position predicting the token, target token) for every response token."""
+    rows, cols, targets = [], [], []
+    for row, item in enumerate(items):
+        total = len(item.prompt_ids) + len(item.response_ids)
+        offset = 0 if side == "right" else width - total
+        first = offset + len(item.prompt_ids) - 1
+        rows += [row] * len(item.response_ids)
+        cols += range(first, first + len(item.response_ids))
+        targets += item.response_ids
+    return torch.tensor(rows), torch.tensor(cols), torch.tensor(targets)
+
+
+def chunked_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    vocab_chunk: int,
+) -> torch.Tensor:
+    """log softmax(hidden @ weight.T + bias)[targets] in fp32, a vocabulary chunk at a time.
+
+    Args:
+        hidden: Hidden states at the predicting positions, tokens x d.
+        weight: The output embedding, vocab x d.
+        bias: Its bias, or None.
+        targets: The token id each position predicts.
+        vocab_chunk: Vocabulary rows per matmul.
+
+    Returns:
+        One fp32 log-prob per token.
+    """
+    out = torch.empty(hidden.shape[0], dtype=torch.float32)
+    for start in range(0, hidden.shape[0], _TOKEN_CHUNK):
+        h = hidden[start : start + _TOKEN_CHUNK].float()
+        t = targets[start : start + _TOKEN_CHUNK]
+        norm = torch.full((h.shape[0],), -torch.inf)
+        for v in range(0, weight.shape[0], vocab_chunk):
+            logits = h @ weight[v : v + vocab_chunk].float().T
+            if bias is not None:
+                logits += bias[v : v + vocab_chunk].float()
+            norm = torch.logaddexp(norm, torch.logsumexp(logits, dim=1))
+        picked = (h * weight[t].float()).sum(dim=1)
+        if bias is not None:
+            picked += bias[t].float()
+        out[start : start + _TOKEN_CHUNK] = picked - norm
+    return out
+
+
+@torch.inference_mode()
+def sequence_logprobs(
+    model,
+    items: list[EncodedResponse],
+    pad_id: int,
+    config: RewardsConfig,
+    padding_side: str = "right",
+    desc: str = "scoring",
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Sum of fp32 log-probs of each item's response tokens (EOS included) under a model.
+
+    Args:
+        model: A causal LM with a decoder (`get_decoder()`) and an output embedding.
+        items: Encoded prompt/response pairs.
+        pad_id: Padding token id.
+        config: Batch token budget and vocabulary chunk.
+        padding_side: "right" or "left"; the sums do not depend on it.
+        desc: Progress-bar label.
+        progress: Called with (items done, total) after each batch.
+
+    Returns:
+        A float64 array, one sum per item, in input order.
+    """
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    lengths = [len(i.prompt_ids) + len(i.response_ids) for i in items]
+    sums = np.zeros(len(items), dtype=np.float64)
+    done, started = 0, time.monotonic()
+    bar = tqdm(total=sum(lengths), desc=desc, unit="tok", unit_scale=True, leave=False)
+    for batch in length_batches(lengths, config.batch_tokens):
+        chunk = [items[i] for i in batch]
+        ids, mask, positions = _pad(chunk, pad_id, padding_side)
+        hidden = decoder(
+            input_ids=ids, attention_mask=mask, position_ids=positions
+        ).last_hidden_state
+        rows, cols, targets = _response_positions(chunk, ids.shape[1], padding_side)
+        token_logps = chunked_token_logprobs(
+            hidden[rows, cols],
+            head.weight,
+            getattr(head, "bias", None),
+            targets,
+            config.vocab_chunk,
+        )
+        per_row = torch.zeros(len(chunk), dtype=torch.float64).index_add_(
+            0, rows, token_logps.double()
+        )
+        sums[batch] = per_row.numpy()
+        done += len(batch)
+        bar.update(sum(lengths[i] for i in batch))
+        if progress:
+            progress(done, len(items))
+    bar.close()
+    log.debug("%s: %d sequences in %.1fs", desc, len(items), time.monotonic() - started)
+    return sums
+
+
+def score_samples(
+    policy_dir: str,
+    reference_dir: str,
+    rows: Sequence[dict[str, Any]],
+    config: RewardsConfig,
+    dtype: str = "float32",
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[dict[str, float | int]]:
+    """Implicit reward of every `{prompt, response}` row: policy vs reference log-prob sums.
+
+    Args:
+        policy_dir: pi_{t-1}.
+        reference_dir: ref_{t-1}.
+        rows: Generated samples.
+        config: Scoring settings.
+        dtype: Weights dtype; log-probs are fp32 whatever it is.
+        progress: Called with (model role, done, total).
+
+    Returns:
+        Per row: `policy_logp`, `reference_logp`, `reward` and `response_tokens`.
+
+    Raises:
+        ValueError: The two models do not share a vocabulary.
+    """
+    tokenizer = load_tokenizer(policy_dir)
+    if load_tokenizer(reference_dir).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(
+            f"policy {policy_dir} and reference {reference_dir} have different vocabularies; "
+            "implicit rewards need one tokenizer"
+        )
+    items = encode_rows(tokenizer, rows)
+    sums = {}
+    for role, path in (("policy", policy_dir), ("reference", reference_dir)):
+        model = load_causal_lm(path, dtype)
+        report = (lambda d, t, r=role: progress(r, d, t)) if progress else None
+        sums[role] = sequence_logprobs(
+            model, items, tokenizer.pad_token_id, config, desc=f"scoring {role}", progress=report
+        )
+        del model
+    return [
+        {
+            "policy_logp": float(p),
+            "reference_logp": float(r),
+            "reward": float(p - r),
+            "response_tokens": len(item.response_ids),
+        }
+        for p, r, item in zip(sums["policy"], sums["reference"], items)
+    ]
