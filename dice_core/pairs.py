@@ -202,7 +202,7 @@ def build_pairs(
     chosen, rejected, scores = select_pairs(rewards, lengths, valid, search.alpha)
     pairs = [
         _pair(p, int(c), int(r), scores[i])
-        for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected))
+        for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected, strict=True))
     ]
     pairs.sort(key=lambda pair: pair["prompt"])
     return pairs, search, report

@@ -213,5 +213,40 @@ def score_samples(
             "reward": float(p - r),
             "response_tokens": len(item.response_ids),
         }
-        for p, r, item in zip(sums["policy"], sums["reference"], items)
+        for p, r, item in zip(sums["policy"], sums["reference"], items, strict=True)
     ]
+
+
+def pair_accuracy(
+    policy_dir: str,
+    reference_dir: str,
+    pairs: Sequence[dict[str, Any]],
+    config: RewardsConfig,
+    dtype: str = "float32",
+) -> dict[str, float | int]:
+    """How often the implicit reward ranks a pair's chosen response above its rejected one.
+
+    Args:
+        policy_dir: The DPO model whose implicit reward is measured.
+        reference_dir: Its reference (the SFT model for pi_0).
+        pairs: `{prompt, chosen, rejected}` rows the policy never trained on.
+        config: Scoring settings.
+        dtype: Weights dtype.
+
+    Returns:
+        `accuracy` (ties count half), `pairs`, `ties` and the mean reward margin.
+    """
+    rows = [
+        {"prompt": p["prompt"], "response": p[side]}
+        for p in pairs
+        for side in ("chosen", "rejected")
+    ]
+    scores = score_samples(policy_dir, reference_dir, rows, config, dtype)
+    margins = [scores[2 * i]["reward"] - scores[2 * i + 1]["reward"] for i in range(len(pairs))]
+    wins = sum(m > 0 for m in margins) + 0.5 * sum(m == 0 for m in margins)
+    return {
+        "accuracy": wins / len(pairs),
+        "pairs": len(pairs),
+        "ties": sum(m == 0 for m in margins),
+        "mean_margin": float(np.mean(margins)),
+    }

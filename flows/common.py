@@ -1,0 +1,77 @@
+"""Shared by the flows: recipes by name, run contexts, and which models a round uses."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+from dice_core.config import Recipe, load_recipe
+from dice_core.errors import RecipeError
+from dice_core.manifest import load_run, open_run
+from dice_core.models import GGUF_PACKAGE, gguf_path, resolve_model
+from dice_core.store import ArtifactStore, check_run_id
+from tasks.common import CACHE_DIR, RunContext, code_version
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+RECIPES_DIR = PROJECT_ROOT / "recipes"
+DEFAULT_STORE = os.environ.get("DICE_STORE", "./dice-store")
+
+
+def recipe_path(recipe: str) -> Path:
+    """A recipe file from a path or a name in `recipes/` (`cpu-smollm2`)."""
+    path = Path(recipe).expanduser()
+    if path.is_file():
+        return path
+    named = RECIPES_DIR / (recipe if recipe.endswith(".yaml") else f"{recipe}.yaml")
+    if named.is_file():
+        return named
+    known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+    raise RecipeError(f"{recipe}: no such recipe file or recipe name (known names: {known})")
+
+
+def start_run(
+    recipe: str, run_id: str | None, store: str | None, overrides: dict | None = None
+) -> RunContext:
+    """Validate the recipe and the store, then create or reopen the run's manifest."""
+    config = load_recipe(recipe_path(recipe), overrides)
+    check_models(config)
+    run_id = check_run_id(run_id or default_run_id(config))
+    artifact_store = ArtifactStore(store or DEFAULT_STORE)
+    artifact_store.check_writable()
+    open_run(artifact_store, run_id, config, code_version())
+    return RunContext(run_id=run_id, store_root=artifact_store.root_url, recipe=config)
+
+
+def check_models(config: Recipe) -> None:
+    """Fail early on a model path that does not exist (the GGUF default is checked too)."""
+    cache = CACHE_DIR / "models"
+    if config.models.sft == GGUF_PACKAGE:
+        gguf_path()
+    else:
+        resolve_model(config.models.sft, cache)
+    if config.models.dpo:
+        resolve_model(config.models.dpo, cache)
+
+
+def reopen_run(run_id: str, store: str | None) -> RunContext:
+    """The context of an existing run, its recipe read back from the manifest."""
+    artifact_store = ArtifactStore(store or DEFAULT_STORE)
+    _, config = load_run(artifact_store, check_run_id(run_id))
+    return RunContext(run_id=run_id, store_root=artifact_store.root_url, recipe=config)
+
+
+def default_run_id(config: Recipe) -> str:
+    return f"{config.run.name}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+
+
+def policy_model(ctx: RunContext, round_: int) -> str:
+    """pi_t: the model trained in round t (round 0: the given DPO model, or round 0's)."""
+    if round_ == 0 and ctx.recipe.models.dpo:
+        return ctx.recipe.models.dpo
+    return f"store:{ctx.stage(round_, 'training').prefix}/model"
+
+
+def reference_model(ctx: RunContext, round_: int, sft: str) -> str:
+    """ref_{t-1} for round t: the SFT model in round 1, pi_{t-2} afterwards."""
+    return sft if round_ == 1 else policy_model(ctx, round_ - 2)
