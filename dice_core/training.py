@@ -53,7 +53,7 @@ child_log = logging.getLogger(__name__ + ".child")
 PINNED_TRL = "1.16."
 PROGRESS_MARK = "@dice-progress@ "
 _CHILD_TAIL_LINES = 400
-_TRACEBACK = "Traceback (most recent call last)"
+_LAUNCHER_ERRORS = ("ChildFailedError", "CalledProcessError")
 _EXCEPTION_LINE = re.compile(r"^(\[rank\d+\]:\s*)?[\w.]*(Error|Exception|Interrupt)\b")
 
 
@@ -96,6 +96,10 @@ class LaunchPlan:
     def distributed(self) -> bool:
         """Whether the job runs in a child `accelerate launch` rather than in this process."""
         return self.processes > 1 or self.zero_stage is not None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The plan's fields and `distributed`, for printing."""
+        return {**asdict(self), "distributed": self.distributed}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,6 +605,12 @@ def _train_here(
     )
 
 
+def check_model_dir(path: Path, role: str) -> None:
+    """Raise DataError unless `path` is a folder holding a transformers model config."""
+    if not (Path(path) / "config.json").is_file():
+        raise DataError(f"{role} model {path}: expected a model folder with config.json")
+
+
 def _distinct_reference(policy_dir: Path, reference_dir: Path | None) -> Path | None:
     """The reference folder, or None when the reference is the policy itself."""
     if reference_dir is None or Path(reference_dir).resolve() == Path(policy_dir).resolve():
@@ -662,7 +672,9 @@ def train_dpo(
     """
     _check_pairs(pairs)
     config = effective_config(config)
-    if build_launch_plan(config).distributed:
+    plan = build_launch_plan(config)
+    check_model_dir(policy_dir, "policy")
+    if plan.distributed:
         return launch_training(
             policy_dir, pairs, config, output_dir, reference_dir, progress, label=label
         )
@@ -723,6 +735,7 @@ def launch_training(
     _check_pairs(pairs)
     config = effective_config(config)
     plan = build_launch_plan(config)
+    check_model_dir(policy_dir, "policy")
     if not plan.distributed:
         return train_dpo(
             policy_dir, pairs, config, output_dir, reference_dir, progress, label=label
@@ -842,6 +855,7 @@ def _child_env(plan: LaunchPlan) -> dict[str, str]:
         HF_DATASETS_DISABLE_PROGRESS_BARS="1",
         HF_HUB_DISABLE_TELEMETRY="1",
         TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
     )
     # torch.distributed warns of deprecated collectives on every step DeepSpeed takes.
     env.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
@@ -892,15 +906,16 @@ def _run_child(
 
 
 def _error_tail(lines: deque[str]) -> list[str]:
-    """The end of the child's first traceback (down to its exception), else its last lines."""
+    """The lines that end with the child's last own exception, else its last lines."""
     items = list(lines)
-    start = next((i for i, line in enumerate(items) if _TRACEBACK in line), None)
-    if start is None:
+    ends = [
+        i
+        for i, line in enumerate(items)
+        if _EXCEPTION_LINE.match(line) and not any(w in line for w in _LAUNCHER_ERRORS)
+    ]
+    if not ends:
         return items[-15:]
-    for end in range(start + 1, len(items)):
-        if _EXCEPTION_LINE.match(items[end]):
-            return items[max(start, end - 12) : end + 1]
-    return items[start : start + 15]
+    return items[max(0, ends[-1] - 12) : ends[-1] + 1]
 
 
 def _read_result(path: Path) -> TrainResult:
