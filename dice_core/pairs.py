@@ -112,7 +112,7 @@ def _prompt_samples(prompt: str, samples: list[dict[str, Any]]) -> PromptSamples
     )
 
 
-def _padded(prompts: list[PromptSamples]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def sample_matrix(prompts: list[PromptSamples]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rewards, lengths and validity as prompt x sample matrices (invalid cells masked)."""
     width = max(len(p.rows) for p in prompts)
     rewards = np.zeros((len(prompts), width))
@@ -158,7 +158,7 @@ def search_alpha(prompts: list[PromptSamples], config: PairsConfig) -> AlphaSear
     Returns:
         The first alpha with the smallest |gap|, its gap and every visited point.
     """
-    rewards, lengths, valid = _padded(prompts)
+    rewards, lengths, valid = sample_matrix(prompts)
     curve: list[tuple[float, float]] = []
     best = np.inf
     for alpha in np.arange(0.0, config.alpha_max, config.alpha_step):
@@ -198,7 +198,7 @@ def build_pairs(
             "pairs.min_valid_samples"
         )
     search = search_alpha(prompts, config)
-    rewards, lengths, valid = _padded(prompts)
+    rewards, lengths, valid = sample_matrix(prompts)
     chosen, rejected, scores = select_pairs(rewards, lengths, valid, search.alpha)
     pairs = [
         _pair(p, int(c), int(r), scores[i])

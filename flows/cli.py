@@ -43,12 +43,17 @@ def _overrides(items: list[str]) -> dict[str, Any]:
 
 
 def _recipe(args: argparse.Namespace):
-    from dice_core.config import Recipe, load_recipe
+    """The recipe named by --recipe (defaults when none), with --set overrides applied."""
+    from dice_core.config import apply_override, load_recipe, parse_recipe
     from flows.common import recipe_path
 
+    overrides = _overrides(getattr(args, "set", []))
     if getattr(args, "recipe", None):
-        return load_recipe(recipe_path(args.recipe), _overrides(args.set))
-    return Recipe()
+        return load_recipe(recipe_path(args.recipe), overrides)
+    data: dict[str, Any] = {}
+    for key, value in overrides.items():
+        apply_override(data, key, value)
+    return parse_recipe(data, "--set")
 
 
 def _write_json(path: str, value: Any) -> None:
@@ -105,16 +110,17 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from dice_core.generation import make_engine
-
     from dice_core.data import load_prompts
+    from dice_core.generation import make_engine
+    from dice_core.models import resolve_model
 
     recipe = _recipe(args)
     config = recipe.generation
     if args.samples is not None:
         config = config.model_validate({**config.model_dump(), "samples_per_prompt": args.samples})
     prompts = load_prompts(args.prompts)[: args.limit]
-    engine = make_engine(args.model, config, recipe.models.dtype)
+    model = resolve_model(args.model, Path.home() / ".cache" / "dice" / "models")
+    engine = make_engine(model, config, recipe.models.dtype)
     completions = engine.complete(
         [p["prompt"] for p in prompts],
         n=config.samples_per_prompt,
@@ -277,6 +283,19 @@ def cmd_runs(args: argparse.Namespace) -> None:
     print(markdown_table(stage_states(store, args.run_id, recipe.run.rounds)))
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from flows.common import reopen_run
+    from tasks.report import build_report
+
+    ctx = reopen_run(args.run_id, args.store)
+    for round_ in range(ctx.recipe.run.rounds + 1):
+        if not ctx.store.list(f"runs/{ctx.run_id}/round-{round_}"):
+            break
+        key = build_report(ctx, round_)
+        print(f"round {round_}: {ctx.store.root_url}/{key}")
+    print(ctx.store.read_text(key))
+
+
 # ------------------------------------------------------------------- parser
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dice", description=__doc__.split("\n\n")[0])
@@ -347,6 +366,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--generator", help="name recorded for the model")
     p.add_argument("--limit", type=int, help="first N instructions only")
     p.add_argument("--out", required=True, help="folder for outputs, annotations, scores")
+
+    p = command("report", cmd_report, "rebuild the reports and plots of a run", recipe=False)
+    p.add_argument("run_id")
+    p.add_argument("--store")
 
     p = command("runs", cmd_runs, "list runs or show one run's stages", recipe=False)
     p.add_argument("action", choices=["list", "show"])

@@ -17,6 +17,7 @@ from tasks.generation import generation_task
 from tasks.models import prepare_sft_task
 from tasks.pairs import pairs_task
 from tasks.replay import replay_task
+from tasks.report import report_task
 from tasks.rewards import rewards_task
 from tasks.training import training_task
 
@@ -38,6 +39,7 @@ def run_round(ctx: RunContext, round_: int, sft: str) -> dict:
     if ctx.recipe.evaluation.enabled:
         scores = evaluation_task(ctx, round_, policy_model(ctx, round_), sft)["summary"]
         row.update(wr=scores["win_rate"], lc=scores["length_controlled_winrate"])
+    report_task(ctx, round_)
     return row
 
 

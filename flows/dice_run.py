@@ -16,6 +16,7 @@ from flows.dice_round import dice_round
 from tasks.common import RunContext, artifact_key, logger, markdown_table
 from tasks.evaluation import evaluation_task
 from tasks.models import heldout_accuracy_task, prepare_sft_task
+from tasks.report import report_task
 from tasks.training import round0_training_task
 
 
@@ -32,6 +33,7 @@ def run_round_zero(ctx: RunContext, sft: str) -> dict[str, Any]:
     if ctx.recipe.evaluation.enabled:
         scores = evaluation_task(ctx, 0, pi0, sft)["summary"]
         row.update(wr=scores["win_rate"], lc=scores["length_controlled_winrate"])
+    report_task(ctx, 0)
     return row
 
 
