@@ -1067,13 +1067,20 @@ def _decode(response: httpx.Response, request: JudgeRequest) -> Any:
 # Construction from the recipe
 
 
-def make_judge(config: JudgeConfig, sft_model_dir: Path | None, cache_dir: Path | None) -> Judge:
+def make_judge(
+    config: JudgeConfig,
+    sft_model_dir: Path | None,
+    cache_dir: Path | None,
+    *,
+    confirm_cost: bool = False,
+) -> Judge:
     """The judge a recipe asks for.
 
     Args:
         config: The recipe's judge settings.
         sft_model_dir: The run's SFT model folder, used when `config.model` is `sft`.
         cache_dir: Folder of cached endpoint answers (None: no cache).
+        confirm_cost: Accept an endpoint run above `config.confirm_cost_above_usd`.
 
     Returns:
         A `LocalJudge` or an `OpenAIJudge`.
@@ -1101,6 +1108,7 @@ def make_judge(config: JudgeConfig, sft_model_dir: Path | None, cache_dir: Path 
         concurrency=config.concurrency,
         timeout_s=config.timeout_s,
         confirm_cost_above_usd=config.confirm_cost_above_usd,
+        confirm_cost=confirm_cost,
         on_missing_labels=config.on_missing_labels,
     )
 

@@ -171,7 +171,7 @@ class _Handler(BaseHTTPRequestHandler):
         return value.startswith("Bearer ") and len(value) > len("Bearer ")
 
     def _answer(self, request: dict[str, Any]) -> dict[str, Any]:
-        messages = request["messages"]
+        messages = request.get("messages")
         if not isinstance(messages, list) or not messages:
             raise BadRequest("`messages` must be a non-empty list")
         messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]

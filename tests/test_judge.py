@@ -75,17 +75,16 @@ def judge_model_dir(tiny_model_dir, tmp_path_factory, rows) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
     protocol = load_protocol()
+    prompts = []
+    columns = (rows["instructions"], rows["baseline_outputs"], rows["model_outputs"])
+    for instruction, baseline, output in zip(*columns, strict=True):
+        prompts.append(protocol.messages(instruction, baseline, output))
+        prompts.append(protocol.messages(instruction, output, baseline))
     states = []
-    for index, instruction in enumerate(rows["instructions"]):
-        for first, second in [(rows["baseline_outputs"][index], rows["model_outputs"][index])]:
-            ids = encode_messages(tokenizer, protocol.messages(instruction, first, second))
-            with torch.no_grad():
-                hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
-            states.append(hidden)
-            ids = encode_messages(tokenizer, protocol.messages(instruction, second, first))
-            with torch.no_grad():
-                hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
-            states.append(hidden)
+    for messages in prompts:
+        ids = torch.tensor([encode_messages(tokenizer, messages)])
+        with torch.no_grad():
+            states.append(model.model(input_ids=ids).last_hidden_state[0, -1])
     states = torch.stack(states)
     mean = states.mean(0)
     mean_dir = mean / mean.norm()
@@ -458,3 +457,18 @@ def test_server_lists_its_model_and_rejects_bad_requests(servers, judge_model_di
     )
     assert response.status_code == 400
     assert "top_logprobs" in response.json()["error"]["message"]
+
+
+def test_rate_limit_spaces_requests(servers, rows):
+    judge = _api_judge(servers["healthy"], requests_per_minute=600, concurrency=4)
+    started = time.monotonic()
+    _annotate(rows, judge)
+    assert time.monotonic() - started >= 0.1 * (len(rows["instructions"]) - 1)
+
+
+def test_make_judge_follows_the_recipe(servers, tmp_path):
+    config = JudgeConfig(kind="openai", model="tiny-judge", base_url=servers["healthy"].url)
+    judge = make_judge(config, None, tmp_path)
+    assert isinstance(judge, OpenAIJudge) and judge.base_url == servers["healthy"].url
+    with pytest.raises(ValueError, match="SFT model folder"):
+        make_judge(JudgeConfig(kind="local", model="sft"), None, None)
