@@ -90,6 +90,12 @@ class GenerationConfig(StrictModel):
     batch_size: int = Field(
         32, ge=1, description="Sequences decoded together by the transformers engine. ours"
     )
+    num_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads of the transformers engine (None keeps torch's setting); "
+        "samples depend on it, so keep it fixed across a run and its resumptions. ours",
+    )
     seed: int = Field(42, description="Sampling seed. ours")
     gpu_memory_utilization: float = Field(
         0.9, gt=0.0, le=1.0, description="vLLM's share of GPU memory. ours"
@@ -224,6 +230,11 @@ class JudgeConfig(StrictModel):
         description="Judge model: endpoint model name, or a local folder / `sft` for the "
         "run's SFT model. alpaca_eval, weighted_alpaca_eval_gpt4_turbo",
     )
+    seed: int = Field(
+        0,
+        description="Seed of the random order of the two outputs; 0 reproduces the order of "
+        "the leaderboard's judgements. alpaca_eval, annotators/base.py",
+    )
     base_url: str | None = Field(
         None, description="Endpoint base URL (default: OPENAI_BASE_URL or OpenAI). ours"
     )
@@ -265,7 +276,7 @@ class EvaluationConfig(StrictModel):
     max_new_tokens: int = Field(2048, ge=1, description="Answer budget. official code")
     temperature: float = Field(0.7, ge=0.0, description="Answer sampling temperature. ours")
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="Answer nucleus sampling. ours")
-    seed: int = Field(42, description="Seed of answers and of the judge's output order. ours")
+    seed: int = Field(42, description="Seed of the answers' sampling. ours")
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="The judge. ours")
 
 

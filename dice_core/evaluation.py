@@ -102,7 +102,7 @@ def judge_and_score(
         [o["output"] for o in outputs],
         [item["baseline"] for item in subset],
         judge,
-        seed=config.seed,
+        seed=config.judge.seed,
         generator=generator,
         baseline_generator=BASELINE,
     )
