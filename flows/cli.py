@@ -71,16 +71,27 @@ def _write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
 
 
 # ----------------------------------------------------------------- commands
+def _store_block(args: argparse.Namespace) -> None:
+    """--store-block NAME: the Prefect block with the store's s3fs options, for this
+    process and the processes it starts."""
+    if getattr(args, "store_block", None):
+        from tasks.common import STORE_BLOCK_ENV
+
+        os.environ[STORE_BLOCK_ENV] = args.store_block
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from flows.dice_run import dice_run, summary_table
 
     overrides = _overrides(args.set)
     if args.rounds is not None:
         overrides["run.rounds"] = args.rounds
-    # Check recipe, models, run id and store before Prefect starts, so a typo costs nothing.
+    _store_block(args)
+    # Check recipe, models, run id and store (and fork) before Prefect starts, so a typo
+    # costs nothing; the flow then opens the run that exists.
     from flows.common import start_run
 
-    ctx = start_run(args.recipe, args.run_id, args.store, overrides)
+    ctx = start_run(args.recipe, args.run_id, args.store, overrides, args.fork_from)
     rows = dice_run(
         recipe=args.recipe, run_id=ctx.run_id, store=ctx.store_root, overrides=overrides or None
     )
@@ -260,17 +271,18 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_runs(args: argparse.Namespace) -> None:
     from dice_core.manifest import load_run, stage_states
-    from dice_core.store import ArtifactStore
     from flows.common import DEFAULT_STORE
-    from tasks.common import markdown_table
+    from tasks.common import markdown_table, open_store
 
-    store = ArtifactStore(args.store or DEFAULT_STORE)
+    _store_block(args)
+    store = open_store(args.store or DEFAULT_STORE)
     if args.action == "list":
         for run_id in store.runs():
             manifest, recipe = load_run(store, run_id)
             print(
                 f"{run_id}  recipe={recipe.run.name}  rounds={recipe.run.rounds}  "
                 f"created={manifest['created_at']}  code={manifest['code_version']}"
+                + _parent_note(manifest, "  forked-from=")
             )
         return
     if not args.run_id:
@@ -279,8 +291,14 @@ def cmd_runs(args: argparse.Namespace) -> None:
     print(
         f"run {args.run_id} | recipe {recipe.run.name} (digest {manifest['recipe_digest']}) | "
         f"code {manifest['code_version']} | created {manifest['created_at']}"
+        + _parent_note(manifest, " | forked from ")
     )
     print(markdown_table(stage_states(store, args.run_id, recipe.run.rounds)))
+
+
+def _parent_note(manifest: dict[str, Any], lead: str) -> str:
+    parent = manifest.get("parent")
+    return f"{lead}{parent['run_id']}:{parent['round']}" if parent else ""
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -321,6 +339,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe name (cpu-smollm2) or YAML file")
     p.add_argument("--run-id", help="run id; reuse one to resume that run")
     p.add_argument("--store", help="store root: a folder or s3://bucket/prefix")
+    p.add_argument(
+        "--store-block",
+        help="Prefect block with the store's s3fs options: secret/NAME (a JSON mapping) or "
+        "aws-credentials/NAME (default: DICE_STORE_BLOCK, else the AWS environment alone)",
+    )
+    p.add_argument(
+        "--fork-from",
+        metavar="RUN_ID:ROUND",
+        help="start this new run from a copy of RUN_ID's completed rounds before ROUND",
+    )
     p.add_argument("--rounds", type=int, help="override run.rounds")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
 
@@ -374,17 +402,20 @@ def _parser() -> argparse.ArgumentParser:
     p = command("runs", cmd_runs, "list runs or show one run's stages", recipe=False)
     p.add_argument("action", choices=["list", "show"])
     p.add_argument("run_id", nargs="?")
-    p.add_argument("--store")
+    p.add_argument("--store", help="store root: a folder or s3://bucket/prefix")
+    p.add_argument("--store-block", help="Prefect block with the store's s3fs options")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dice` console command."""
     args = _parser().parse_args(argv)
+    # Libraries speak at WARNING; this project's own progress lines at INFO.
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for name in ("dice", "dice_core"):
+        logging.getLogger(name).setLevel(logging.INFO)
     try:
         args.func(args)
     except DiceError as error:
