@@ -53,6 +53,8 @@ child_log = logging.getLogger(__name__ + ".child")
 PINNED_TRL = "1.16."
 PROGRESS_MARK = "@dice-progress@ "
 _CHILD_TAIL_LINES = 400
+_REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+_REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 _LAUNCHER_ERRORS = ("ChildFailedError", "CalledProcessError")
 _EXCEPTION_LINE = re.compile(r"^(\[rank\d+\]:\s*)?[\w.]*(Error|Exception|Interrupt)\b")
 
@@ -220,11 +222,22 @@ def _check_pairs(pairs: list[dict]) -> None:
             if not isinstance(pair.get(key), str):
                 got = type(pair.get(key)).__name__
                 raise DataError(f"training pair {i}: `{key}` must be a string, got {got}")
-        supplied = [key in pair for key in ("ref_chosen_logps", "ref_rejected_logps")]
-        if any(supplied) and not all(supplied):
-            raise DataError(
-                f"training pair {i}: ref_chosen_logps and ref_rejected_logps come together"
-            )
+        _supplied_pair(pair, i)
+
+
+def _supplied_pair(pair: dict, i: int) -> tuple[float, float] | None:
+    """A pair's supplied reference log-probs, or None when it carries none (missing or null)."""
+    values = [pair.get(key) for key in _REF_KEYS]
+    if all(v is None for v in values):
+        return None
+    if any(isinstance(v, bool) or not isinstance(v, int | float) for v in values):
+        raise DataError(
+            f"training pair {i}: ref_chosen_logps and ref_rejected_logps must both be numbers, "
+            f"got {values[0]!r} and {values[1]!r}"
+        )
+    if not all(math.isfinite(v) for v in values):
+        raise DataError(f"training pair {i}: reference log-probs must be finite, got {values}")
+    return float(values[0]), float(values[1])
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -297,11 +310,8 @@ def plan_pairs(
 
 def _supplied_logps(pairs: list[dict], plan: PairPlan) -> dict[int, tuple[float, float]]:
     """Supplied reference log-probs of the kept pairs that are used as they are."""
-    return {
-        i: (float(pairs[i]["ref_chosen_logps"]), float(pairs[i]["ref_rejected_logps"]))
-        for i in plan.kept
-        if "ref_chosen_logps" in pairs[i] and i not in plan.recompute
-    }
+    supplied = {i: _supplied_pair(pairs[i], i) for i in plan.kept if i not in plan.recompute}
+    return {i: values for i, values in supplied.items() if values is not None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,9 +439,6 @@ def _step_callback(
     return StepLog()
 
 
-_REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
-
-
 def _step_line(label: str, m: dict, total: int, elapsed: float) -> str:
     """`dpo 3/20 | loss: 0.6931 | ... | 412 tok/s | 1m20s left`."""
     left = elapsed / m["step"] * (total - m["step"])
@@ -540,6 +547,12 @@ def _build_trainer(
             reference_dir=_distinct_reference(policy_dir, reference_dir),
         )
     trainer.remove_callback(PrinterCallback)
+    if trainer.accelerator.num_processes != config.num_processes:
+        raise RuntimeError(
+            f"training.num_processes is {config.num_processes} but the trainer runs on "
+            f"{trainer.accelerator.num_processes} process(es): the launch did not set up "
+            "distributed training"
+        )
     if len(trainer.train_dataset) != len(pair_plan.order):
         raise RuntimeError(
             f"the trainer kept {len(trainer.train_dataset)} of {len(pair_plan.order)} rows after "
@@ -619,16 +632,38 @@ def _distinct_reference(policy_dir: Path, reference_dir: Path | None) -> Path | 
 
 
 def _save(trainer, tokenizer, model_dir: Path) -> None:
-    """Save safetensors weights (gathered from ZeRO-3 shards), tokenizer and chat template."""
-    trainer.save_model(str(model_dir))
+    """Save safetensors weights, tokenizer and chat template from the main process.
+
+    The full state dict comes from accelerate's gathering (under ZeRO-3 it assembles the
+    shards; every process takes part).
+    """
+    wrapped = trainer.model_wrapped if trainer.is_deepspeed_enabled else trainer.model
+    state_dict = trainer.accelerator.get_state_dict(wrapped)
+    if trainer.accelerator.is_main_process:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        state_dict = _drop_tied_copy(model, state_dict)
+        # Training switched the KV cache off; the saved model is for generation.
+        model.config.get_text_config().use_cache = True
+        model.save_pretrained(str(model_dir), state_dict=state_dict, safe_serialization=True)
+        # An offline load marks the tokenizer local-only; that is no property of the model.
+        tokenizer.init_kwargs.pop("local_files_only", None)
+        tokenizer.save_pretrained(str(model_dir))
+        if not any(model_dir.glob("*.safetensors")):
+            raise StageError(f"{model_dir}: no safetensors weights were written")
     trainer.accelerator.wait_for_everyone()
-    if not trainer.accelerator.is_main_process:
-        return
-    tokenizer.save_pretrained(str(model_dir))
-    # The trainer also pickles its arguments; the artifact keeps only loadable model files.
-    (model_dir / "training_args.bin").unlink(missing_ok=True)
-    if not any(model_dir.glob("*.safetensors")):
-        raise StageError(f"{model_dir}: the trainer saved no safetensors weights")
+
+
+def _drop_tied_copy(model, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep one copy of tied input/output embeddings (a ZeRO-2 gather returns two)."""
+    if not getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        return state_dict
+    names = {id(module): name for name, module in model.named_modules()}
+    out_key = f"{names.get(id(model.get_output_embeddings()))}.weight"
+    in_key = f"{names.get(id(model.get_input_embeddings()))}.weight"
+    if out_key in state_dict and in_key in state_dict:
+        if torch.equal(state_dict[out_key], state_dict[in_key]):
+            return {k: v for k, v in state_dict.items() if k != out_key}
+    return state_dict
 
 
 # ---------------------------------------------------------------------------------------------
@@ -740,6 +775,7 @@ def launch_training(
         return train_dpo(
             policy_dir, pairs, config, output_dir, reference_dir, progress, label=label
         )
+    _check_devices(plan)
     with _staging(output_dir) as (model_dir, scratch):
         job_dir = scratch.parent / "job"
         job_dir.mkdir()
@@ -758,6 +794,28 @@ def launch_training(
         result = _read_result(job_dir / "result.json")
     result.output_dir = Path(output_dir)
     return result
+
+
+def _check_devices(plan: LaunchPlan) -> None:
+    """Refuse a launch this machine cannot run as asked.
+
+    Raises:
+        ValueError: Several processes without DeepSpeed on a machine without GPU (accelerate
+            would start one process and train with a smaller batch), or more processes than GPUs.
+    """
+    if not has_accelerator():
+        if plan.processes > 1 and plan.zero_stage is None:
+            raise ValueError(
+                f"training.num_processes is {plan.processes} without training.deepspeed on a "
+                "machine without GPU: set training.deepspeed (ZeRO-2 or 3 run on CPU) or "
+                "training.num_processes: 1"
+            )
+        return
+    if torch.cuda.is_available() and torch.cuda.device_count() < plan.processes:
+        raise ValueError(
+            f"training.num_processes is {plan.processes} but {torch.cuda.device_count()} "
+            "GPU(s) are visible"
+        )
 
 
 def _write_job(
@@ -824,10 +882,8 @@ def _launch_command(
             f"  deepspeed_config_file: {job_dir / 'deepspeed.json'}",
             f"  zero3_init_flag: {'true' if plan.zero_stage == 3 else 'false'}",
         ]
-    elif has_accelerator():
-        lines += ["distributed_type: MULTI_GPU", f"mixed_precision: {_precision(config)}"]
     else:
-        lines += ["distributed_type: MULTI_CPU", "use_cpu: true", "mixed_precision: 'no'"]
+        lines += ["distributed_type: MULTI_GPU", f"mixed_precision: {_precision(config)}"]
     accelerate_file = job_dir / "accelerate.yaml"
     accelerate_file.write_text("\n".join(lines) + "\n")
     return [

@@ -103,9 +103,15 @@ def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(model_dir) / "model.safetensors"))
 
 
-def _max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)).item() for k in a)
+def _update_relative_diff(a: Path, b: Path, start: Path) -> tuple[float, float]:
+    """Weight difference of two trained models: max absolute, and its Frobenius norm relative to
+    the norm of the update training made (b minus start)."""
+    wa, wb, w0 = _weights(a), _weights(b), _weights(start)
+    assert wa.keys() == wb.keys()
+    diff = sum((wa[k] - wb[k]).pow(2).sum().item() for k in wa) ** 0.5
+    update = sum((wb[k] - w0[k]).pow(2).sum().item() for k in wb) ** 0.5
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    return worst, diff / update
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,6 +152,30 @@ def test_train_dpo_refuses_a_contradictory_batch_before_any_work(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_malformed_pairs_are_refused(tmp_path):
+    from dice_core.errors import DataError
+
+    good = _pairs(1)[0]
+    bad = [
+        ([], "no training pairs"),
+        ([{**good, "chosen": None}], "`chosen` must be a string"),
+        ([{**good, "ref_chosen_logps": -3.0}], "must both be numbers"),
+        ([{**good, "ref_chosen_logps": "x", "ref_rejected_logps": -1.0}], "must both be numbers"),
+        ([{**good, "ref_chosen_logps": float("nan"), "ref_rejected_logps": -1.0}], "finite"),
+    ]
+    for pairs, message in bad:
+        with pytest.raises(DataError, match=message):
+            train_dpo(tmp_path / "no-model", pairs, _config(), tmp_path / "out")
+
+
+def test_several_processes_without_deepspeed_need_gpus(tiny_model_dir, tmp_path):
+    if torch.accelerator.current_accelerator() is not None:
+        pytest.skip("this machine has an accelerator")
+    config = _config(num_processes=2, per_device_batch_size=1)
+    with pytest.raises(ValueError, match="training.deepspeed"):
+        train_dpo(tiny_model_dir, _pairs(2), config, tmp_path / "out")
+
+
 def test_deepspeed_config_zero3_and_zero2():
     config = _config(
         per_device_batch_size=1,
@@ -184,6 +214,25 @@ def test_deepspeed_config_zero3_and_zero2():
 
 # ---------------------------------------------------------------------------------------------
 # Truncation and layout (tokenizer only)
+
+
+def test_trl_private_precompute_step_is_where_it_is_overridden():
+    """The supplied reference log-probs hang on this private TRL step: a TRL upgrade that moves
+    it fails here first, with a clear message."""
+    import inspect
+
+    import trl
+    from trl import DPOTrainer
+
+    assert trl.__version__.startswith("1.16.")
+    parameters = list(inspect.signature(DPOTrainer._precompute_ref_logps).parameters)
+    assert parameters == ["self", "dataset", "name", "batch_size"]
+    assert "_precompute_ref_logps(" in inspect.getsource(DPOTrainer.__init__)
+    assert list(inspect.signature(DPOTrainer.compute_ref_log_probs).parameters) == [
+        "self",
+        "model",
+        "inputs",
+    ]
 
 
 def test_plan_pairs_counts_truncation_and_repeats_epochs(tiny_model_dir):
@@ -356,9 +405,11 @@ def test_training_with_supplied_values_matches_and_never_loads_the_reference(
     print(f"\nloss computed vs supplied: {losses}")
     for a, b in losses:
         assert a == pytest.approx(b, abs=1e-5)
-    rel = _max_rel_diff(_weights(tmp_path / "supplied"), _weights(tmp_path / "computed"))
-    print(f"weights supplied vs computed: max relative diff {rel:.1e}")
-    assert rel < 1e-4
+    worst, relative = _update_relative_diff(
+        tmp_path / "supplied", tmp_path / "computed", tiny_model_dir
+    )
+    print(f"weights supplied vs computed: max abs {worst:.1e}, {relative:.1e} of the update")
+    assert worst <= 5e-5 and relative <= 1e-4
 
     # The result and its metrics.
     assert computed.steps == 4 and computed.global_batch == 4
@@ -382,6 +433,7 @@ def test_training_with_supplied_values_matches_and_never_loads_the_reference(
     out = tmp_path / "computed"
     assert (out / "model.safetensors").is_file() and (out / "chat_template.jinja").is_file()
     assert not (out / "training_args.bin").exists()
+    assert json.loads((out / "config.json").read_text())["use_cache"] is True
     assert sorted(p.name for p in tmp_path.iterdir()) == ["computed", "supplied"]
     model = AutoModelForCausalLM.from_pretrained(str(out))
     tokenizer = AutoTokenizer.from_pretrained(str(out))
@@ -431,42 +483,71 @@ def test_failed_child_raises_with_its_last_lines(tmp_path, tiny_model_dir):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
 
 
-@pytest.mark.slow
-def test_zero3_two_processes_equal_one_process(tiny_model_dir, tmp_path):
-    """2-process ZeRO-3, 1-process ZeRO-3 and plain single-process training, same global batch
-    (4) and steps, end with the same weights; prints the peak memory of each process."""
-    pairs = _pairs(8)
-    common = dict(max_steps=3, global_batch_size=4)
-    zero3 = DeepSpeedConfig(zero_stage=3)
-    two = _config(
-        **common,
+MULTI_STEPS = dict(max_steps=3, global_batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def plain_run(tiny_model_dir, tmp_path_factory):
+    """Plain single-process training (1 x 4 accumulation), the baseline of the launched runs."""
+    out = tmp_path_factory.mktemp("baseline") / "plain"
+    config = _config(**MULTI_STEPS, per_device_batch_size=1, gradient_accumulation_steps=4)
+    return train_dpo(tiny_model_dir, _pairs(8), config, out)
+
+
+def _launched(tiny_model_dir, out: Path, zero_stage: int, processes: int, progress=None):
+    config = _config(
+        **MULTI_STEPS,
         per_device_batch_size=1,
-        gradient_accumulation_steps=2,
-        num_processes=2,
-        deepspeed=zero3,
+        gradient_accumulation_steps=4 // processes,
+        num_processes=processes,
+        deepspeed=DeepSpeedConfig(zero_stage=zero_stage),
     )
-    one = _config(**common, per_device_batch_size=1, gradient_accumulation_steps=4, deepspeed=zero3)
-    plain = _config(**common, per_device_batch_size=1, gradient_accumulation_steps=4)
+    result = train_dpo(tiny_model_dir, _pairs(8), config, out, progress=progress)
+    print(
+        f"\nZeRO-{zero_stage} x{processes}: {result.seconds:.1f}s, "
+        f"losses {[round(m['loss'], 6) for m in result.metrics]}, "
+        f"peak memory per process (MB) {[round(p) for p in result.peak_memory_mb]}"
+    )
+    assert result.global_batch == 4 and result.steps == 3
+    assert len(result.peak_memory_mb) == processes
+    # Tied embeddings are stored once.
+    assert "lm_head.weight" not in _weights(out)
+    return result
 
+
+def _assert_same_training(a: Path, b: Path, start: Path, losses_a: list, losses_b: list) -> None:
+    worst, relative = _update_relative_diff(a, b, start)
+    print(f"weights {a.name} vs {b.name}: max abs {worst:.1e}, {relative:.1e} of the update")
+    assert worst <= 5e-5 and relative <= 1e-4
+    for x, y in zip(losses_a, losses_b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+
+
+def test_zero3_two_processes_equal_one_process(tiny_model_dir, tmp_path, plain_run):
+    """2-process ZeRO-3, 1-process ZeRO-3 and plain single-process training, same global batch
+    (4) and steps, end with the same weights; prints the peak memory of each process.
+
+    Not bit-identical: gradients are summed in another order across processes (grad norms
+    differ in the 8th digit) and Adam's normalisation carries that into the weights. Measured
+    at lr 1e-3 over 3 steps: max |difference| 5e-6 (2 vs 1 process) and 8e-6 (vs plain), that
+    is 2.4e-6 and 3.2e-6 of the training update's norm. Tolerance: 1e-4 of the update, and
+    5e-5 absolute.
+    """
     seen: list[dict] = []
-    results = {}
-    for name, config in (("two", two), ("one", one), ("plain", plain)):
-        progress = seen.append if name == "two" else None
-        results[name] = train_dpo(tiny_model_dir, pairs, config, tmp_path / name, progress=progress)
-        r = results[name]
-        print(
-            f"\n{name}: {r.seconds:.1f}s, losses {[round(m['loss'], 6) for m in r.metrics]}, "
-            f"peak memory per process (MB) {[round(p) for p in r.peak_memory_mb]}"
-        )
-    assert len(results["two"].peak_memory_mb) == 2
-    assert [m["step"] for m in seen] == [1, 2, 3]
-    assert all(r.global_batch == 4 and r.steps == 3 for r in results.values())
+    two = _launched(tiny_model_dir, tmp_path / "zero3x2", 3, 2, progress=seen.append)
+    one = _launched(tiny_model_dir, tmp_path / "zero3x1", 3, 1)
+    assert [m["step"] for m in seen] == [1, 2, 3] and seen == two.metrics
+    assert (tmp_path / "zero3x2" / "chat_template.jinja").is_file()
+    _assert_same_training(two.output_dir, one.output_dir, tiny_model_dir, two.metrics, one.metrics)
+    _assert_same_training(
+        two.output_dir, plain_run.output_dir, tiny_model_dir, two.metrics, plain_run.metrics
+    )
 
-    w_two, w_one, w_plain = (_weights(tmp_path / n) for n in ("two", "one", "plain"))
-    zero_diff = _max_rel_diff(w_two, w_one)
-    plain_diff = _max_rel_diff(w_two, w_plain)
-    print(f"weights: ZeRO-3 2 vs 1 process {zero_diff:.1e}; ZeRO-3 vs plain {plain_diff:.1e}")
-    assert zero_diff <= 1e-6
-    assert plain_diff <= 1e-4
-    for a, b in zip(results["two"].metrics, results["plain"].metrics, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+def test_zero2_two_processes_equal_plain(tiny_model_dir, tmp_path, plain_run):
+    """ZeRO-2 over 2 processes matches plain training (measured 4e-6 max, 2.4e-6 of the update);
+    its gathered state dict holds the tied embeddings twice, and one copy is saved."""
+    two = _launched(tiny_model_dir, tmp_path / "zero2x2", 2, 2)
+    _assert_same_training(
+        two.output_dir, plain_run.output_dir, tiny_model_dir, two.metrics, plain_run.metrics
+    )
