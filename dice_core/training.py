@@ -318,9 +318,81 @@ def _supplied_logps(pairs: list[dict], plan: PairPlan) -> dict[int, tuple[float,
 # The trainer
 
 
+class _SuppliedReference:
+    """DPOTrainer mixin: reference log-probs come from the pairs where supplied, else from one
+    reference forward over the pairs that lack them; no telemetry is sent."""
+
+    def __init__(self, *args, supplied: dict, reference_dir: Path | None, **kwargs) -> None:
+        self._supplied = supplied
+        self._reference_dir = reference_dir
+        self.reference_computed = 0
+        super().__init__(*args, **kwargs)
+
+    def _send_telemetry(self) -> None:
+        return None
+
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        # TRL 1.16 calls this once from __init__ on the tokenised, filtered dataset.
+        index = dataset["pair_index"]
+        missing = sorted({i for i in index if i not in self._supplied})
+        values = dict(self._supplied)
+        if missing:
+            values.update(self._reference_forward(dataset, index, missing, batch_size))
+        self.reference_computed = len(missing)
+        dataset = dataset.add_column("ref_chosen_logps", [values[i][0] for i in index])
+        return dataset.add_column("ref_rejected_logps", [values[i][1] for i in index])
+
+    def _reference_forward(self, dataset, index: list[int], missing: list[int], batch_size: int):
+        """Reference sums of the `missing` pairs, by TRL's own collator and forward."""
+        from torch.utils.data import DataLoader
+
+        first_row: dict[int, int] = {}
+        for row, pair in enumerate(index):
+            first_row.setdefault(pair, row)
+        subset = dataset.select([first_row[i] for i in missing])
+        subset = subset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+        loader = DataLoader(subset, batch_size=batch_size, collate_fn=self.data_collator)
+        loader = self.accelerator.prepare(loader)
+        chosen, rejected = [], []
+        with self._reference_model() as model:
+            for batch in loader:
+                c, r = self.compute_ref_log_probs(model, batch)
+                c, r = self.accelerator.gather_for_metrics((c, r))
+                chosen.extend(c.float().cpu().tolist())
+                rejected.extend(r.float().cpu().tolist())
+        return {i: (chosen[k], rejected[k]) for k, i in enumerate(missing)}
+
+    @contextlib.contextmanager
+    def _reference_model(self) -> Iterator[Any]:
+        """The reference, ready for forwards: the untrained policy, or a model loaded for it."""
+        from trl.models import prepare_deepspeed
+        from trl.trainer.utils import (
+            add_fused_lm_head,
+            create_model_from_path,
+            disable_dropout_in_model,
+        )
+
+        if self._reference_dir is None:
+            # The reference is the policy itself, read before any optimiser step.
+            model = self.model
+        else:
+            model = create_model_from_path(str(self._reference_dir), dtype=self.model.dtype)
+            disable_dropout_in_model(model)
+            add_fused_lm_head(model)
+            if not self.is_deepspeed_enabled:
+                model = self.accelerator.prepare_model(model, evaluation_mode=True)
+        if self.is_deepspeed_enabled:
+            model = prepare_deepspeed(model, self.accelerator)
+        try:
+            yield model
+        finally:
+            del model
+            gc.collect()
+
+
 @functools.cache
 def _trainer_class() -> type:
-    """DPOTrainer with supplied reference log-probs and no telemetry (built on first use)."""
+    """TRL's DPOTrainer with `_SuppliedReference` (built on first use: TRL imports slowly)."""
     import trl
     from trl import DPOTrainer
 
@@ -329,114 +401,51 @@ def _trainer_class() -> type:
             f"dice_core.training overrides a private step of TRL {PINNED_TRL}x, found TRL "
             f"{trl.__version__}: install trl=={PINNED_TRL}*"
         )
+    return type("DiceDPOTrainer", (_SuppliedReference, DPOTrainer), {})
 
-    class DiceDPOTrainer(DPOTrainer):
-        """Reference log-probs come from the pairs where supplied, else from one forward."""
 
-        def __init__(self, *args, supplied, reference_dir, **kwargs):
-            self._supplied = supplied
-            self._reference_dir = reference_dir
-            self.reference_computed = 0
-            super().__init__(*args, **kwargs)
+class _StepLog:
+    """TrainerCallback mixin: each optimiser step's log becomes metrics, a line and a call."""
 
-        def _send_telemetry(self) -> None:
-            return None
+    def __init__(
+        self, total: int, label: str, progress: Callable[[dict], None] | None, sink: list[dict]
+    ) -> None:
+        self.total, self.label, self.progress, self.sink = total, label, progress, sink
+        self.start = self.last = time.monotonic()
+        self.tokens_seen = 0
 
-        def _precompute_ref_logps(self, dataset, name, batch_size):
-            # TRL 1.16 calls this once from __init__ on the tokenised, filtered dataset.
-            index = dataset["pair_index"]
-            missing = sorted({i for i in index if i not in self._supplied})
-            values = dict(self._supplied)
-            if missing:
-                values.update(self._reference_forward(dataset, index, missing, batch_size))
-            self.reference_computed = len(missing)
-            dataset = dataset.add_column("ref_chosen_logps", [values[i][0] for i in index])
-            return dataset.add_column("ref_rejected_logps", [values[i][1] for i in index])
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        self.start = self.last = time.monotonic()
 
-        def _reference_forward(self, dataset, index, missing, batch_size):
-            from torch.utils.data import DataLoader
-
-            first_row = {}
-            for row, pair in enumerate(index):
-                first_row.setdefault(pair, row)
-            subset = dataset.select([first_row[i] for i in missing])
-            subset = subset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
-            loader = DataLoader(subset, batch_size=batch_size, collate_fn=self.data_collator)
-            loader = self.accelerator.prepare(loader)
-            chosen, rejected = [], []
-            with self._reference_model() as model:
-                for batch in loader:
-                    c, r = self.compute_ref_log_probs(model, batch)
-                    c, r = self.accelerator.gather_for_metrics((c, r))
-                    chosen.extend(c.float().cpu().tolist())
-                    rejected.extend(r.float().cpu().tolist())
-            return {i: (chosen[k], rejected[k]) for k, i in enumerate(missing)}
-
-        @contextlib.contextmanager
-        def _reference_model(self) -> Iterator[Any]:
-            from trl.models import prepare_deepspeed
-            from trl.trainer.utils import (
-                add_fused_lm_head,
-                create_model_from_path,
-                disable_dropout_in_model,
-            )
-
-            if self._reference_dir is None:
-                # The reference is the policy itself, read before any optimiser step.
-                model = self.model
-            else:
-                model = create_model_from_path(str(self._reference_dir), dtype=self.model.dtype)
-                disable_dropout_in_model(model)
-                add_fused_lm_head(model)
-                if not self.is_deepspeed_enabled:
-                    model = self.accelerator.prepare_model(model, evaluation_mode=True)
-            if self.is_deepspeed_enabled:
-                model = prepare_deepspeed(model, self.accelerator)
-            try:
-                yield model
-            finally:
-                del model
-                gc.collect()
-
-    return DiceDPOTrainer
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        if not logs or "loss" not in logs or not state.is_world_process_zero:
+            return
+        now = time.monotonic()
+        tokens = int(logs.get("num_tokens", 0)) - self.tokens_seen
+        self.tokens_seen += tokens
+        metrics = {
+            "step": state.global_step,
+            "loss": float(logs["loss"]),
+            **{k: float(logs.get(k, math.nan)) for k in _REWARD_KEYS},
+            "learning_rate": float(logs.get("learning_rate", math.nan)),
+            "grad_norm": float(logs.get("grad_norm", math.nan)),
+            "tokens": tokens,
+            "seconds": now - self.last,
+        }
+        self.last = now
+        self.sink.append(metrics)
+        log.info(_step_line(self.label, metrics, self.total, now - self.start))
+        if self.progress is not None:
+            self.progress(metrics)
 
 
 def _step_callback(
-    total_steps: int, label: str, progress: Callable[[dict], None] | None, sink: list[dict]
+    total: int, label: str, progress: Callable[[dict], None] | None, sink: list[dict]
 ):
-    """A TrainerCallback that turns each optimiser step's log into metrics and a log line."""
+    """A TrainerCallback that logs each optimiser step and appends its metrics to `sink`."""
     from transformers import TrainerCallback
 
-    class StepLog(TrainerCallback):
-        def __init__(self) -> None:
-            self.start = self.last = time.monotonic()
-            self.tokens_seen = 0
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.start = self.last = time.monotonic()
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "loss" not in logs or not state.is_world_process_zero:
-                return
-            now = time.monotonic()
-            tokens = int(logs.get("num_tokens", 0)) - self.tokens_seen
-            self.tokens_seen += tokens
-            metrics = {
-                "step": state.global_step,
-                "loss": float(logs["loss"]),
-                **{k: float(logs.get(k, math.nan)) for k in _REWARD_KEYS},
-                "learning_rate": float(logs.get("learning_rate", math.nan)),
-                "grad_norm": float(logs.get("grad_norm", math.nan)),
-                "tokens": tokens,
-                "seconds": now - self.last,
-            }
-            self.last = now
-            sink.append(metrics)
-            log.info(_step_line(label, metrics, total_steps, now - self.start))
-            if progress is not None:
-                progress(metrics)
-
-    return StepLog()
+    return type("StepLog", (_StepLog, TrainerCallback), {})(total, label, progress, sink)
 
 
 def _step_line(label: str, m: dict, total: int, elapsed: float) -> str:
@@ -701,8 +710,10 @@ def train_dpo(
         The run's result, with one metrics dict per optimiser step.
 
     Raises:
-        DataError: A pair is malformed, or every pair is fully truncated.
-        ValueError: The config's batch layout contradicts `global_batch_size`.
+        DataError: A pair is malformed, the policy folder holds no model, or every pair is
+            fully truncated.
+        ValueError: The batch layout contradicts `global_batch_size`, or this machine cannot
+            run the processes asked for.
         StageError: A launched training child failed.
     """
     _check_pairs(pairs)
@@ -765,6 +776,9 @@ def launch_training(
         The run's result; `peak_memory_mb` holds one value per process.
 
     Raises:
+        DataError: A pair is malformed or the policy folder holds no model.
+        ValueError: The batch layout contradicts `global_batch_size`, or this machine cannot
+            run the processes asked for.
         StageError: The child failed; the message carries its last output lines.
     """
     _check_pairs(pairs)
