@@ -180,7 +180,7 @@ def write_report(
     lines = [f"# DICE run {run_id}: round {data.round}", "", "## Rounds", "", _round_table(rounds)]
     for name, summary in data.summaries.items():
         flat = {k: v for k, v in summary.items() if not isinstance(v, dict | list)}
-        lines += [f"## {name}", "", _table([flat])]
+        lines += [f"## {name}", "", markdown_table([flat])]
     if data.scores and not data.scores.get("comparable_to_leaderboard", False):
         lines += [
             "Scores judged by `" + str(data.scores.get("judge")) + "` on "
@@ -209,15 +209,21 @@ def _round_table(rounds: list[RoundData]) -> str:
                 "LC": (r.scores or {}).get("length_controlled_winrate", "-"),
             }
         )
-    return _table(rows)
+    return markdown_table(rows)
 
 
-def _table(rows: list[dict[str, Any]]) -> str:
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table from dicts sharing keys; floats with 4 decimals, cells cut at 120."""
     if not rows:
-        return ""
+        return "_empty_\n"
     keys = list(rows[0])
-    text = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for row in rows:
-        cells = [f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()]
-        text.append("| " + " | ".join(cells) + " |")
-    return "\n".join(text) + "\n"
+        lines.append("| " + " | ".join(_cell(row.get(k)) for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value).replace("|", "\\|").replace("\n", " ")[:120]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import platform
 import re
 import socket
@@ -20,9 +22,12 @@ from prefect.exceptions import MissingContextError
 
 import dice_core
 from dice_core.config import Recipe
-from dice_core.store import ArtifactStore, StageRef
+from dice_core.errors import StageError, StoreError
+from dice_core.report import markdown_table  # noqa: F401  (re-exported for the tasks)
+from dice_core.store import COMPLETE, ArtifactStore, StageRef, owner_marker
 
-CACHE_DIR = Path.home() / ".cache" / "dice"
+CACHE_DIR = Path(os.environ.get("DICE_CACHE_DIR") or Path.home() / ".cache" / "dice")
+STORE_BLOCK_ENV = "DICE_STORE_BLOCK"
 
 
 @dataclass
@@ -36,7 +41,7 @@ class RunContext:
 
     @property
     def store(self) -> ArtifactStore:
-        return ArtifactStore(self.store_root)
+        return open_store(self.store_root)
 
     def stage(self, round_: int, name: str) -> StageRef:
         return StageRef(self.run_id, round_, name)
@@ -44,8 +49,90 @@ class RunContext:
     def model_dir(self, model: str) -> Path:
         """A local folder for a model reference: `store:<prefix>` or a local path."""
         if model.startswith("store:"):
-            return self.store.local_dir(model.removeprefix("store:"), self.cache_dir / "store")
+            prefix = model.removeprefix("store:")
+            check_complete(self.store, prefix)
+            return self.store.local_dir(prefix, self.cache_dir / "store")
         return Path(model)
+
+
+def open_store(root: str) -> ArtifactStore:
+    """The artifact store at `root`; on S3 with the options of the Prefect block named by
+    DICE_STORE_BLOCK (`secret/NAME` or `aws-credentials/NAME`) when set, on top of those
+    from the AWS environment."""
+    block = os.environ.get(STORE_BLOCK_ENV, "").strip()
+    if block and root.startswith(("s3://", "s3a://")):
+        return ArtifactStore(root, block_options(block))
+    return ArtifactStore(root)
+
+
+@functools.lru_cache(maxsize=8)
+def block_options(name: str) -> dict[str, Any]:
+    """s3fs options from a saved Prefect block; values are never logged.
+
+    A `secret` block holds the options as a JSON mapping (`{"key": ..., "secret": ...,
+    "client_kwargs": {"endpoint_url": ...}}`); a prefect-aws `aws-credentials` block (when
+    prefect-aws is installed) is translated field by field.
+
+    Raises:
+        StoreError: The block cannot be loaded or holds no mapping of options.
+    """
+    from prefect.blocks.core import Block
+
+    try:
+        block = Block.load(name)
+    except Exception as error:  # missing block, unknown type, unreachable API
+        raise StoreError(
+            f"store block {name!r} cannot be loaded ({type(error).__name__}); save it first "
+            "(Secret(value={...}).save(NAME)) or unset DICE_STORE_BLOCK"
+        ) from None
+    if hasattr(block, "aws_client_parameters"):
+        return _aws_credentials_options(block)
+    value = block.get() if hasattr(block, "get") else None
+    if not isinstance(value, dict):
+        raise StoreError(f"store block {name!r} must hold a JSON mapping of s3fs options")
+    return value
+
+
+def _aws_credentials_options(block: Any) -> dict[str, Any]:
+    """s3fs options from a prefect-aws AwsCredentials (or MinIOCredentials) block; role
+    assumption is not translated."""
+    params = getattr(block, "aws_client_parameters", None)
+    client = {
+        "region_name": getattr(block, "region_name", None),
+        "endpoint_url": getattr(params, "endpoint_url", None),
+        "verify": getattr(params, "verify", None),
+    }
+    options = {
+        "key": getattr(block, "aws_access_key_id", None) or getattr(block, "minio_root_user", None),
+        "secret": _reveal(
+            getattr(block, "aws_secret_access_key", None)
+            or getattr(block, "minio_root_password", None)
+        ),
+        "token": _reveal(getattr(block, "aws_session_token", None)),
+        "profile": getattr(block, "profile_name", None),
+        "client_kwargs": {k: v for k, v in client.items() if v is not None},
+        "config_kwargs": getattr(params, "config", None) or {},
+    }
+    return {k: v for k, v in options.items() if v}
+
+
+def _reveal(value: Any) -> Any:
+    return value.get_secret_value() if hasattr(value, "get_secret_value") else value
+
+
+def check_complete(store: ArtifactStore, key: str) -> None:
+    """Refuse to read a stored input whose stage (or model folder) has not completed.
+
+    Raises:
+        StageError: The owning completion record is missing.
+    """
+    marker = owner_marker(key)
+    if marker and not store.exists(marker):
+        owner = marker.removesuffix(f"/{COMPLETE}")
+        raise StageError(
+            f"store {store.root_url}: {key} belongs to {owner}, which has not completed; "
+            "run the stages before it first"
+        )
 
 
 def logger() -> logging.Logger | logging.LoggerAdapter:
@@ -109,7 +196,11 @@ def run_stage(
             record.get("finished_at"),
         )
         return record
+    for value in (inputs or {}).values():
+        if value.startswith("store:"):
+            check_complete(store, value.removeprefix("store:"))
     store.begin_stage(ref)
+    log.info("%s round %d | started", name, round_)
     started = time.monotonic()
     started_at = _now()
     summary = body(ref)
@@ -119,6 +210,8 @@ def run_stage(
         "run_id": ctx.run_id,
         "summary": summary,
         "inputs": _lineage(store, inputs or {}),
+        "models": _models(ctx, inputs or {}),
+        "seeds": stage_seeds(ctx.recipe, name, round_),
         "code_version": code_version(),
         "host": socket.gethostname(),
         "python": platform.python_version(),
@@ -132,16 +225,47 @@ def run_stage(
 
 
 def _lineage(store: ArtifactStore, inputs: dict[str, str]) -> dict[str, Any]:
-    """Each input with the content digest of its completion record or file, where it has one."""
+    """Each input with the content digest of its completion record, where it has one."""
     found = {}
     for role, ref in inputs.items():
         entry: dict[str, Any] = {"ref": ref}
-        key = ref.removeprefix("store:")
-        marker = f"{key.rsplit('/', 1)[0]}/_COMPLETE.json" if ref.startswith("store:") else None
+        marker = owner_marker(ref.removeprefix("store:")) if ref.startswith("store:") else None
         if marker and store.exists(marker):
             entry["stage_record_sha256"] = store.digest(marker)
         found[role] = entry
     return found
+
+
+MODEL_ROLES = ("policy", "reference", "sft", "model", "judge_model")
+
+
+def _models(ctx: RunContext, inputs: dict[str, str]) -> dict[str, str]:
+    """The models a stage read, by role: a store reference or a local folder, with the
+    recipe's name for the SFT model (its content digest is in `inputs`)."""
+    models = {role: ref for role, ref in inputs.items() if role in MODEL_ROLES}
+    if models:
+        models["sft_source"] = ctx.recipe.models.sft
+    return models
+
+
+def stage_seeds(recipe: Recipe, stage: str, round_: int) -> dict[str, int]:
+    """Every seed a stage's output depends on, as the stage derives it from the recipe."""
+    data_seed = {"data": recipe.data.seed}
+    seeds: dict[str, dict[str, int]] = {
+        "generation": {**data_seed, "sampling": recipe.generation.seed + round_},
+        "replay": {"replay": recipe.replay.seed + round_},
+        "training": (
+            {**data_seed, "training": recipe.round0.training.seed}
+            if round_ == 0
+            else {"training": recipe.training.seed}
+        ),
+        "heldout": data_seed,
+        "evaluation": {
+            "answers": recipe.evaluation.seed,
+            "judge_order": recipe.evaluation.judge.seed,
+        },
+    }
+    return seeds.get(stage, {})
 
 
 def _now() -> str:
@@ -173,23 +297,6 @@ def publish(
         create_table_artifact(
             table, key=f"{key}-table", description=f"{stage} table, round {round_}"
         )
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """A small markdown table from dicts sharing keys."""
-    if not rows:
-        return "_empty_\n"
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(k)) for k in keys) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value).replace("|", "\\|").replace("\n", " ")[:120]
 
 
 class Progress:
