@@ -47,11 +47,13 @@ import torch
 from dice_core.config import TrainingConfig
 from dice_core.errors import DataError, StageError
 
-log = logging.getLogger(__name__)
-child_log = logging.getLogger(__name__ + ".child")
+# Named, not __name__: the launched child runs this module as __main__.
+log = logging.getLogger("dice_core.training")
+child_log = logging.getLogger("dice_core.training.child")
 
 PINNED_TRL = "1.16."
 PROGRESS_MARK = "@dice-progress@ "
+LOG_MARK = "@dice-log@ "
 _CHILD_TAIL_LINES = 400
 _REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 _REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -759,9 +761,10 @@ def launch_training(
 ) -> TrainResult:
     """Run DPO in a child `accelerate launch` when the config asks for processes or DeepSpeed.
 
-    The child's output is streamed into this module's `child` logger line by line; progress
-    metrics travel on marked lines and reach `progress` here. On a machine without GPU the
-    child runs DeepSpeed's CPU accelerator with the gloo backend.
+    The child's output is streamed line by line: its step lines reach this module's logger at
+    INFO, its metrics reach `progress`, and library output goes to the `child` logger at
+    DEBUG. On a machine without GPU the child runs DeepSpeed's CPU accelerator with the gloo
+    backend.
 
     Args:
         policy_dir: The start policy.
@@ -955,13 +958,9 @@ def _run_child(
         assert proc.stdout is not None
         for raw in proc.stdout:
             line = raw.rstrip("\n")
-            mark = line.find(PROGRESS_MARK)
-            if mark >= 0:
-                if progress is not None:
-                    progress(json.loads(line[mark + len(PROGRESS_MARK) :]))
-                continue
-            tail.append(line)
-            child_log.info(line)
+            if PROGRESS_MARK not in line:
+                tail.append(line)
+            _relay(line, progress)
         code = proc.wait()
     finally:
         if proc.poll() is None:
@@ -973,6 +972,20 @@ def _run_child(
     if code != 0:
         last = "\n".join(_error_tail(tail))
         raise StageError(f"DPO training child exited with code {code}; its last lines:\n{last}")
+
+
+def _relay(line: str, progress: Callable[[dict], None] | None) -> None:
+    """Route one child line: step metrics to `progress`, the project's log records to this
+    module's logger at their level, anything else (library output) to the child logger at
+    DEBUG."""
+    if (mark := line.find(PROGRESS_MARK)) >= 0:
+        if progress is not None:
+            progress(json.loads(line[mark + len(PROGRESS_MARK) :]))
+    elif (mark := line.find(LOG_MARK)) >= 0:
+        level, _, message = line[mark + len(LOG_MARK) :].partition(" ")
+        log.log(logging.getLevelNamesMapping().get(level, logging.INFO), message)
+    else:
+        child_log.debug(line)
 
 
 def _error_tail(lines: deque[str]) -> list[str]:
@@ -1007,11 +1020,12 @@ def _child_main(job_file: Path) -> None:
     with open(job["pairs_file"]) as f:
         pairs = [json.loads(line) for line in f]
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format="%(message)s",
-        stream=sys.stdout,
-    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(LOG_MARK + "%(levelname)s %(message)s"))
+    project = logging.getLogger("dice_core")
+    project.addHandler(handler)
+    project.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    project.propagate = False
 
     def report(metrics: dict) -> None:
         print(PROGRESS_MARK + json.dumps(metrics), flush=True)

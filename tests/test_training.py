@@ -523,7 +523,7 @@ def _assert_same_training(a: Path, b: Path, start: Path, losses_a: list, losses_
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
 
 
-def test_zero3_two_processes_equal_one_process(tiny_model_dir, tmp_path, plain_run):
+def test_zero3_two_processes_equal_one_process(tiny_model_dir, tmp_path, plain_run, caplog):
     """2-process ZeRO-3, 1-process ZeRO-3 and plain single-process training, same global batch
     (4) and steps, end with the same weights; prints the peak memory of each process.
 
@@ -534,9 +534,18 @@ def test_zero3_two_processes_equal_one_process(tiny_model_dir, tmp_path, plain_r
     5e-5 absolute.
     """
     seen: list[dict] = []
-    two = _launched(tiny_model_dir, tmp_path / "zero3x2", 3, 2, progress=seen.append)
+    with caplog.at_level(logging.INFO, logger="dice_core.training"):
+        two = _launched(tiny_model_dir, tmp_path / "zero3x2", 3, 2, progress=seen.append)
     one = _launched(tiny_model_dir, tmp_path / "zero3x1", 3, 1)
     assert [m["step"] for m in seen] == [1, 2, 3] and seen == two.metrics
+    # The child's step lines arrive on this process's logger, its library chatter below INFO.
+    relayed = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert [r.getMessage()[:7] for r in relayed if r.getMessage().startswith("dpo ")] == [
+        "dpo 1/3",
+        "dpo 2/3",
+        "dpo 3/3",
+    ]
+    assert all(r.name == "dice_core.training" for r in relayed)
     assert (tmp_path / "zero3x2" / "chat_template.jinja").is_file()
     _assert_same_training(two.output_dir, one.output_dir, tiny_model_dir, two.metrics, one.metrics)
     _assert_same_training(
