@@ -9,7 +9,7 @@ from typing import Any
 
 from dice_core.config import Recipe, parse_recipe
 from dice_core.errors import RecipeError
-from dice_core.store import COMPLETE, ArtifactStore, check_run_id
+from dice_core.store import COMPLETE, ArtifactStore, StageRef, check_run_id
 
 STAGES = ("generation", "rewards", "pairs", "replay", "training", "evaluation")
 ROUND0_STAGES = ("training", "heldout", "evaluation")
@@ -31,7 +31,100 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return keys
 
 
-def open_run(store: ArtifactStore, run_id: str, recipe: Recipe, code_version: str) -> dict:
+def stages_of(round_: int) -> tuple[str, ...]:
+    """The stages of a round, in order."""
+    return ROUND0_STAGES if round_ == 0 else STAGES
+
+
+def parse_fork(spec: str) -> tuple[str, int]:
+    """`RUN_ID:ROUND` from --fork-from.
+
+    Raises:
+        RecipeError: Not of that form, or a round below 1.
+    """
+    run_id, sep, round_ = spec.rpartition(":")
+    if not sep or not round_.isdigit() or int(round_) < 1:
+        raise RecipeError(
+            f"--fork-from {spec!r}: expected RUN_ID:ROUND with ROUND 1 or more "
+            "(the rounds before ROUND are copied)"
+        )
+    return check_run_id(run_id), int(round_)
+
+
+def fork_run(
+    store: ArtifactStore,
+    parent_id: str,
+    before_round: int,
+    run_id: str,
+    recipe: Recipe,
+    code_version: str,
+) -> dict:
+    """Start a run from another: copy the parent's completed stages of rounds below
+    `before_round` (server-side on object stores), then write the manifest, last, with the
+    parent named. Repeating the call after a crash finishes the copy; a run that exists is
+    opened as by `open_run` when it was forked from the same parent and round.
+
+    Args:
+        store: The artifact store holding both runs.
+        parent_id: The run to copy from.
+        before_round: The first round the new run computes itself (1 or more).
+        run_id: The new run.
+        recipe: The new run's recipe; it may differ from the parent's.
+        code_version: Recorded for lineage.
+
+    Returns:
+        The new run's manifest.
+
+    Raises:
+        RecipeError: No such parent, a round beyond the recipe's, the new run exists with
+            another parent, or the parent is the new run.
+    """
+    check_run_id(run_id)
+    if parent_id == run_id:
+        raise RecipeError(f"--fork-from: run {run_id} cannot be forked from itself")
+    if before_round > recipe.run.rounds:
+        raise RecipeError(
+            f"--fork-from {parent_id}:{before_round}: the recipe has {recipe.run.rounds} "
+            "round(s); fork from a round it runs"
+        )
+    parent_manifest, _ = load_run(store, parent_id)
+    parent = {"run_id": parent_id, "round": before_round}
+    if store.exists(manifest_key(run_id)):
+        found = store.read_json(manifest_key(run_id)).get("parent") or {}
+        if {k: found.get(k) for k in parent} != parent:
+            raise RecipeError(
+                f"run {run_id} already exists in {store.root_url} and was not forked from "
+                f"{parent_id}:{before_round}; choose another --run-id"
+            )
+        return open_run(store, run_id, recipe, code_version)
+    copied = _copy_rounds(store, parent_id, run_id, before_round)
+    parent.update(
+        recipe_digest=parent_manifest["recipe_digest"],
+        changed=changed_keys(parent_manifest["recipe"], recipe.model_dump(mode="json")),
+        stages=copied,
+    )
+    return open_run(store, run_id, recipe, code_version, parent=parent)
+
+
+def _copy_rounds(store: ArtifactStore, parent_id: str, run_id: str, before: int) -> dict:
+    """Copy the completed stages of rounds < `before`; returns `round-t/stage` -> the
+    sha256 of the copied completion record."""
+    copied = {}
+    for round_ in range(before):
+        for stage in stages_of(round_):
+            source, target = StageRef(parent_id, round_, stage), StageRef(run_id, round_, stage)
+            if store.copy_stage(source, target):
+                copied[f"round-{round_}/{stage}"] = store.digest(f"{target.prefix}/{COMPLETE}")
+    return copied
+
+
+def open_run(
+    store: ArtifactStore,
+    run_id: str,
+    recipe: Recipe,
+    code_version: str,
+    parent: dict[str, Any] | None = None,
+) -> dict:
     """Create a run's manifest, or check that an existing run has the same recipe.
 
     Args:
@@ -39,6 +132,7 @@ def open_run(store: ArtifactStore, run_id: str, recipe: Recipe, code_version: st
         run_id: The run (checked: nothing may escape the store root).
         recipe: The validated recipe.
         code_version: Recorded for lineage.
+        parent: For a forked run, the parent run, round and copied stages (kept as given).
 
     Returns:
         The manifest.
@@ -66,6 +160,8 @@ def open_run(store: ArtifactStore, run_id: str, recipe: Recipe, code_version: st
         "host": socket.gethostname(),
         "user": getpass.getuser(),
     }
+    if parent:
+        manifest["parent"] = parent
     store.write_json(key, manifest)
     return manifest
 
@@ -84,13 +180,17 @@ def load_run(store: ArtifactStore, run_id: str) -> tuple[dict, Recipe]:
 
 
 def stage_states(store: ArtifactStore, run_id: str, rounds: int) -> list[dict[str, Any]]:
-    """One row per round: each stage `done` (with seconds), `partial` or `pending`."""
+    """One row per round, one column per stage of any round: `done` (with seconds),
+    `partial`, `pending`, or `-` where the round has no such stage."""
+    columns = [*STAGES[:-1], *(s for s in ROUND0_STAGES if s not in STAGES), STAGES[-1]]
     rows = []
     for round_ in range(rounds + 1):
         row: dict[str, Any] = {"round": round_}
-        for stage in ROUND0_STAGES if round_ == 0 else STAGES:
+        for stage in columns:
             prefix = f"runs/{run_id}/round-{round_}/{stage}"
-            if store.exists(f"{prefix}/{COMPLETE}"):
+            if stage not in stages_of(round_):
+                row[stage] = "-"
+            elif store.exists(f"{prefix}/{COMPLETE}"):
                 record = store.read_json(f"{prefix}/{COMPLETE}")
                 row[stage] = f"done ({record.get('seconds', 0):.0f}s)"
             elif store.list(prefix):

@@ -11,6 +11,10 @@ Each file is written atomically (local: temporary file then rename; object store
 becomes visible only when its upload closes). A stage of several files is trusted only once
 its completion record exists; a stage without one is cleared before it runs again, so a
 crashed or repeated run never reads half an artifact.
+
+On S3 the endpoint, region and credentials come from the usual AWS settings (see
+`s3_options`); retries and timeouts are set so that a short outage of the endpoint is ridden
+out. Backend errors become one-line `StoreError`s that name the store URL and never a secret.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import re
 import shutil
 import tempfile
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +40,17 @@ from dice_core.errors import StoreError
 COMPLETE = "_COMPLETE.json"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
 _CHUNK = 8 * 1024 * 1024
+_DIGEST_META = "sha256"
+_SECRET_OPTIONS = ("secret", "token", "aws_secret_access_key", "aws_session_token")
+_UNREACHABLE = {
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ConnectionClosedError",
+    "ClientConnectorError",
+    "ServerDisconnectedError",
+}
+_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "ProfileNotFound"}
 
 
 def check_run_id(run_id: str) -> str:
@@ -51,18 +67,91 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
+def _safe_part(part: str) -> bool:
+    """A key part that names one level below its parent, and nothing else."""
+    return (
+        bool(part)
+        and unicodedata.normalize("NFKC", part) == part
+        and part not in {".", ".."}
+        and not any(c in part for c in "/\\\x00")
+    )
+
+
 def _check_part(part: str) -> str:
-    normal = unicodedata.normalize("NFKC", part)
-    if (
-        not part
-        or normal != part
-        or part in {".", ".."}
-        or "/" in part
-        or "\\" in part
-        or "\x00" in part
-    ):
+    if not _safe_part(part):
         raise StoreError(f"invalid store key part {part!r}")
     return part
+
+
+def owner_marker(key: str) -> str | None:
+    """The completion record that vouches for a key: its stage's under `runs/`, its model
+    folder's under `models/`; None elsewhere."""
+    parts = key.strip("/").split("/")
+    if parts[0] == "runs" and len(parts) >= 4:
+        return "/".join([*parts[:4], COMPLETE])
+    if parts[0] == "models" and len(parts) >= 2:
+        return "/".join([*parts[:2], COMPLETE])
+    return None
+
+
+def s3_options(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """s3fs settings from the usual AWS environment, with retries that ride out an outage.
+
+    Credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, or
+    AWS_PROFILE and the shared config files) are left to botocore's own lookup. Read here:
+    AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL (an S3-compatible server), AWS_REGION, and
+    DICE_S3_MAX_ATTEMPTS / DICE_S3_CONNECT_TIMEOUT / DICE_S3_READ_TIMEOUT.
+
+    Args:
+        env: The environment to read (default: `os.environ`).
+
+    Returns:
+        Keyword arguments for `s3fs.S3FileSystem`.
+    """
+    env = os.environ if env is None else env
+    client: dict[str, Any] = {}
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        client["endpoint_url"] = endpoint
+    # botocore reads only AWS_DEFAULT_REGION; AWS_REGION is the name most tools set.
+    if env.get("AWS_REGION") and not env.get("AWS_DEFAULT_REGION"):
+        client["region_name"] = env["AWS_REGION"]
+    return {
+        "client_kwargs": client,
+        "config_kwargs": {
+            # Standard mode backs off exponentially (up to 20 s a wait): 8 attempts ride out
+            # about half a minute of refused connections or 5xx answers.
+            "retries": {
+                "max_attempts": int(env.get("DICE_S3_MAX_ATTEMPTS", 8)),
+                "mode": "standard",
+            },
+            "connect_timeout": float(env.get("DICE_S3_CONNECT_TIMEOUT", 5)),
+            # A stalled server holds a request this long before it is retried.
+            "read_timeout": float(env.get("DICE_S3_READ_TIMEOUT", 60)),
+        },
+        # Other processes write to the same prefixes (a resumed run, `dice runs show`):
+        # a cached listing would hide their objects.
+        "use_listings_cache": False,
+    }
+
+
+def merge_options(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` updated by `extra`, merging nested mappings (client and config settings)."""
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = merge_options(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _secrets(options: Mapping[str, Any], env: Mapping[str, str]) -> tuple[str, ...]:
+    """Every secret value that an error message must not show."""
+    found = [env.get("AWS_SECRET_ACCESS_KEY"), env.get("AWS_SESSION_TOKEN")]
+    for scope in (options, options.get("client_kwargs") or {}):
+        found += [scope.get(name) for name in _SECRET_OPTIONS]
+    return tuple(s for s in found if isinstance(s, str) and len(s) >= 4)
 
 
 @dataclass(frozen=True)
@@ -83,17 +172,79 @@ class ArtifactStore:
 
     Args:
         root: A local folder or an fsspec URL (`s3://bucket/prefix`).
-        storage_options: Passed to fsspec (for S3: endpoint, credentials, retries).
+        storage_options: Passed to fsspec; for S3 they update `s3_options()` (endpoint,
+            credentials, retries). Never logged.
+
+    Raises:
+        StoreError: The URL names an unknown protocol or bad options.
     """
 
-    def __init__(self, root: str, storage_options: dict[str, Any] | None = None):
+    def __init__(self, root: str, storage_options: Mapping[str, Any] | None = None):
         self.root_url = str(root)
-        self.fs, path = fsspec.core.url_to_fs(self.root_url, **(storage_options or {}))
+        options = dict(storage_options or {})
+        if fsspec.utils.get_protocol(self.root_url) in {"s3", "s3a"}:
+            options = merge_options(s3_options(), options)
+        self._secrets = _secrets(options, os.environ)
+        try:
+            self.fs, path = fsspec.core.url_to_fs(self.root_url, **options)
+        except (ImportError, ValueError, TypeError) as error:
+            raise StoreError(f"store {self.root_url}: {self._describe(error)}") from None
         self.root = path.rstrip("/")
         self.is_local = "file" in _protocols(self.fs)
+        # HTTP clients fold `..` in a URL path: on an object store it would leave the root.
+        if not self.is_local and not all(_safe_part(p) for p in self.root.split("/")):
+            raise StoreError(f"invalid store root {self.root_url!r}: no empty, '.' or '..' parts")
 
     def __repr__(self) -> str:
         return f"ArtifactStore({self.root_url!r})"
+
+    # ----------------------------------------------------------------- errors
+    @contextmanager
+    def _errors(self, action: str, key: str = "") -> Iterator[None]:
+        """Turn a backend error into one StoreError line that names the store URL."""
+        try:
+            yield
+        except StoreError:
+            raise
+        except Exception as error:  # backends raise OSError, botocore and aiohttp errors
+            raise self._store_error(error, action, key) from None
+
+    def _store_error(self, error: Exception, action: str, key: str) -> StoreError:
+        where, text = f"store {self.root_url}", self._describe(error)
+        names = {cls.__name__ for cls in type(error).__mro__}
+        if isinstance(error, FileNotFoundError) and "specified bucket" in str(error):
+            bucket = self.root.split("/", 1)[0]
+            return StoreError(f"{where}: the bucket {bucket!r} does not exist (create it first)")
+        if isinstance(error, FileNotFoundError):
+            return StoreError(f"{where}: {key or self.root} does not exist")
+        if isinstance(error, PermissionError):
+            return StoreError(
+                f"{where}: access denied when trying to {action} ({text}); check the "
+                "credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the "
+                "store block) and their permissions on the bucket"
+            )
+        if names & _NO_CREDENTIALS:
+            return StoreError(
+                f"{where}: no usable credentials ({text}); set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or a store block"
+            )
+        if names & _UNREACHABLE or isinstance(error, (ConnectionError, TimeoutError)):
+            endpoint = self._endpoint()
+            return StoreError(
+                f"{where}: cannot reach the endpoint {endpoint} ({text}); check "
+                "AWS_ENDPOINT_URL and the network"
+            )
+        return StoreError(f"{where}: cannot {' '.join(filter(None, [action, key]))}: {text}")
+
+    def _describe(self, error: BaseException) -> str:
+        text = _describe(error)
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _endpoint(self) -> str:
+        client = getattr(self.fs, "client_kwargs", None) or {}
+        return client.get("endpoint_url") or "(AWS default)"
 
     # ------------------------------------------------------------------ paths
     def path(self, key: str) -> str:
@@ -102,25 +253,28 @@ class ArtifactStore:
         return "/".join([self.root, *parts])
 
     def check_writable(self) -> None:
-        """Write and delete a probe object.
+        """Write, read back and delete a probe object.
 
         Raises:
-            StoreError: The root cannot be written; names the store URL.
+            StoreError: The root cannot be written; names the store URL and the reason.
         """
         probe = f".probe-{os.getpid()}"
         try:
-            self.fs.makedirs(self.root, exist_ok=True)
+            if self.is_local:
+                with self._errors("create the folder"):
+                    self.fs.makedirs(self.root, exist_ok=True)
+            # On object stores nothing is created here: a missing bucket is an error to report.
             self.write_bytes(probe, b"ok")
-            self.fs.rm(self.path(probe))
-        except StoreError:
-            raise
-        except Exception as error:  # any backend error means the same to the user
-            raise StoreError(f"store {self.root_url} is not writable: {_describe(error)}") from None
+            self.read_bytes(probe)
+            self.delete(probe)
+        except StoreError as error:
+            reason = str(error).removeprefix(f"store {self.root_url}: ")
+            raise StoreError(f"store {self.root_url} is not writable: {reason}") from None
 
     # ------------------------------------------------------------------ files
     def write_bytes(self, key: str, data: bytes) -> None:
         """Write one object atomically."""
-        self._write(key, io.BytesIO(data))
+        self._write(key, io.BytesIO(data), hashlib.sha256(data).hexdigest())
 
     def write_text(self, key: str, text: str) -> None:
         self.write_bytes(key, text.encode("utf-8"))
@@ -133,29 +287,32 @@ class ArtifactStore:
         self.write_text(key, text)
 
     def put_file(self, local: Path, key: str) -> None:
-        """Upload a local file, streamed in chunks."""
-        with open(local, "rb") as source:
-            self._write(key, source)
+        """Upload a local file, streamed in chunks (never whole in memory).
 
-    def _write(self, key: str, source: io.RawIOBase | io.BufferedIOBase) -> None:
+        On object stores the file is hashed first and its digest travels with the object, so
+        completing a stage does not download what was just uploaded.
+        """
+        digest = None if self.is_local else _file_digest(Path(local))
+        with open(local, "rb") as source:
+            self._write(key, source, digest)
+
+    def _write(
+        self, key: str, source: io.RawIOBase | io.BufferedIOBase, digest: str | None = None
+    ) -> None:
         target = self.path(key)
-        try:
+        with self._errors("write", key):
             if self.is_local:
                 _write_local(target, source)
-            else:
-                with self.fs.open(target, "wb") as sink:
-                    shutil.copyfileobj(source, sink, _CHUNK)
-        except OSError as error:
-            raise StoreError(
-                f"store {self.root_url}: cannot write {key}: {_describe(error)}"
-            ) from None
+                return
+            extra = {"Metadata": {_DIGEST_META: digest}} if digest else {}
+            with self.fs.open(target, "wb", **extra) as sink:
+                shutil.copyfileobj(source, sink, _CHUNK)
 
     def read_bytes(self, key: str) -> bytes:
-        try:
+        """The bytes of a small object (JSON, JSONL); large files go through `local_dir`."""
+        with self._errors("read", key):
             with self.fs.open(self.path(key), "rb") as handle:
                 return handle.read()
-        except FileNotFoundError:
-            raise StoreError(f"store {self.root_url}: {key} does not exist") from None
 
     def read_text(self, key: str) -> str:
         return self.read_bytes(key).decode("utf-8")
@@ -167,29 +324,55 @@ class ArtifactStore:
         return [json.loads(line) for line in self.read_text(key).splitlines() if line.strip()]
 
     def exists(self, key: str) -> bool:
-        return self.fs.exists(self.path(key))
+        path = self.path(key)
+        with self._errors("look up", key):
+            return self.fs.exists(path)
 
     def list(self, prefix: str) -> list[str]:
         """Keys of the files under a prefix, relative to the root, sorted."""
         base = self.path(prefix)
-        if not self.fs.exists(base):
-            return []
-        found = self.fs.find(base)
+        with self._errors("list", prefix):
+            if not self.fs.exists(base):
+                return []
+            found = self.fs.find(base)
         return sorted(_relative(self.root, p) for p in found)
 
     def delete(self, prefix: str) -> None:
         """Remove a key or a whole prefix (missing is fine)."""
         target = self.path(prefix)
-        if self.fs.exists(target):
-            self.fs.rm(target, recursive=True)
+        with self._errors("delete", prefix):
+            if self.fs.exists(target):
+                self.fs.rm(target, recursive=True)
 
     def digest(self, key: str) -> str:
         """SHA-256 of an object's bytes, streamed."""
         hasher = hashlib.sha256()
-        with self.fs.open(self.path(key), "rb") as handle:
-            for chunk in iter(lambda: handle.read(_CHUNK), b""):
-                hasher.update(chunk)
+        with self._errors("read", key):
+            with self.fs.open(self.path(key), "rb") as handle:
+                for chunk in iter(lambda: handle.read(_CHUNK), b""):
+                    hasher.update(chunk)
         return hasher.hexdigest()
+
+    def file_meta(self, key: str) -> dict[str, Any]:
+        """`sha256` and `bytes` of a stored file; on object stores the digest recorded at
+        upload is trusted, and only objects without one are read back."""
+        path = self.path(key)
+        with self._errors("look up", key):
+            size = int(self.fs.size(path))
+            meta = {} if self.is_local else self.fs.metadata(path)
+        digest = meta.get(_DIGEST_META) or self.digest(key)
+        return {"sha256": digest, "bytes": size}
+
+    def copy(self, source: str, target: str) -> None:
+        """Copy one file inside the store: server-side on object stores (nothing passes
+        through this machine), atomic on a local folder."""
+        src, dst = self.path(source), self.path(target)
+        with self._errors("copy", f"{source} to {target}"):
+            if self.is_local:
+                with open(src, "rb") as handle:
+                    _write_local(dst, handle)
+            else:
+                self.fs.copy(src, dst)
 
     # ------------------------------------------------------------ folders
     def put_dir(self, local_dir: Path, prefix: str) -> list[str]:
@@ -203,20 +386,26 @@ class ArtifactStore:
 
     def local_dir(self, prefix: str, cache_root: Path) -> Path:
         """A local folder with the files under a prefix: the folder itself on a local store,
-        else a download into `cache_root` (kept; a finished download is reused)."""
+        else a streamed download into `cache_root` (kept; a finished download is reused)."""
         if self.is_local:
             return Path(self.path(prefix))
-        name = hashlib.sha256(f"{self.root_url}/{prefix}".encode()).hexdigest()[:20]
+        # Named by the content of the owning completion record: a run id reused in a new
+        # bucket, or a stage recomputed, never finds an older download.
+        marker = owner_marker(prefix)
+        record = self.digest(marker) if marker and self.exists(marker) else "none"
+        name = hashlib.sha256(f"{self.root_url}/{prefix}@{record}".encode()).hexdigest()[:20]
         target = Path(cache_root) / name
         if (target / ".complete").is_file():
             return target
-        staging = Path(tempfile.mkdtemp(prefix=".download-", dir=_mkdir(cache_root)))
+        _clear_dead_downloads(Path(cache_root))
+        staging = Path(tempfile.mkdtemp(prefix=f".download-{os.getpid()}-", dir=_mkdir(cache_root)))
         try:
             for key in self.list(prefix):
                 dest = staging / key[len(prefix) + 1 :]
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                with self.fs.open(self.path(key), "rb") as src, open(dest, "wb") as out:
-                    shutil.copyfileobj(src, out, _CHUNK)
+                with self._errors("download", key):
+                    with self.fs.open(self.path(key), "rb") as src, open(dest, "wb") as out:
+                        shutil.copyfileobj(src, out, _CHUNK)
             (staging / ".complete").write_text("ok")
             shutil.rmtree(target, ignore_errors=True)
             os.replace(staging, target)
@@ -251,18 +440,36 @@ class ArtifactStore:
         """Publish a stage: hash its files into the record, then write the record last."""
         files = {}
         for key in self.list(ref.prefix):
-            name = key[len(ref.prefix) + 1 :]
-            files[name] = {"sha256": self.digest(key), "bytes": self.fs.size(self.path(key))}
+            files[key[len(ref.prefix) + 1 :]] = self.file_meta(key)
         record = {**record, "files": files}
         self.write_json(f"{ref.prefix}/{COMPLETE}", record)
         return record
 
+    def copy_stage(self, source: StageRef, target: StageRef) -> bool:
+        """Copy a completed stage (its files, then its record last) to another run.
+
+        Returns:
+            False when the source has not completed (nothing is copied), else True.
+        """
+        if not self.is_complete(source):
+            return False
+        if self.is_complete(target):
+            return True
+        self.delete(target.prefix)
+        for key in self.list(source.prefix):
+            name = key[len(source.prefix) + 1 :]
+            if name != COMPLETE:
+                self.copy(key, f"{target.prefix}/{name}")
+        self.copy(f"{source.prefix}/{COMPLETE}", f"{target.prefix}/{COMPLETE}")
+        return True
+
     def runs(self) -> Iterator[str]:
         """Run ids under this root."""
         base = self.path("runs")
-        if not self.fs.exists(base):
-            return iter(())
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False)]
+        with self._errors("list", "runs"):
+            if not self.fs.exists(base):
+                return iter(())
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False)]
         return iter(sorted(n for n in names if _RUN_ID.match(n)))
 
 
@@ -293,6 +500,32 @@ def _write_local(target: str, source: io.RawIOBase | io.BufferedIOBase) -> None:
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def _clear_dead_downloads(cache_root: Path) -> None:
+    """Remove the staging folders of downloads whose process died (a killed run's)."""
+    for staging in cache_root.glob(".download-*-*"):
+        pid = staging.name.split("-")[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _file_digest(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            hasher.update(chunk)
+    return hasher.hexdigest()
 
 
 def _describe(error: BaseException) -> str:

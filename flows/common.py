@@ -8,10 +8,10 @@ from pathlib import Path
 
 from dice_core.config import Recipe, load_recipe
 from dice_core.errors import RecipeError
-from dice_core.manifest import load_run, open_run
+from dice_core.manifest import fork_run, load_run, open_run, parse_fork
 from dice_core.models import GGUF_PACKAGE, gguf_path, resolve_model
-from dice_core.store import ArtifactStore, check_run_id
-from tasks.common import CACHE_DIR, RunContext, code_version
+from dice_core.store import check_run_id
+from tasks.common import CACHE_DIR, RunContext, code_version, logger, open_store
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = PROJECT_ROOT / "recipes"
@@ -31,15 +31,34 @@ def recipe_path(recipe: str) -> Path:
 
 
 def start_run(
-    recipe: str, run_id: str | None, store: str | None, overrides: dict | None = None
+    recipe: str,
+    run_id: str | None,
+    store: str | None,
+    overrides: dict | None = None,
+    fork_from: str | None = None,
 ) -> RunContext:
-    """Validate the recipe and the store, then create or reopen the run's manifest."""
+    """Validate the recipe and the store, then create or reopen the run's manifest; with
+    `fork_from` (`RUN_ID:ROUND`), first copy that run's completed rounds below ROUND."""
     config = load_recipe(recipe_path(recipe), overrides)
     check_models(config)
     run_id = check_run_id(run_id or default_run_id(config))
-    artifact_store = ArtifactStore(store or DEFAULT_STORE)
+    artifact_store = open_store(store or DEFAULT_STORE)
     artifact_store.check_writable()
-    open_run(artifact_store, run_id, config, code_version())
+    if fork_from:
+        parent, before = parse_fork(fork_from)
+        manifest = fork_run(artifact_store, parent, before, run_id, config, code_version())
+        copied = manifest.get("parent", {}).get("stages", {})
+        changed = manifest.get("parent", {}).get("changed", [])
+        logger().info(
+            "run %s | forked from %s before round %d | stages copied: %d | recipe changes: %s",
+            run_id,
+            parent,
+            before,
+            len(copied),
+            ", ".join(changed) or "none",
+        )
+    else:
+        open_run(artifact_store, run_id, config, code_version())
     return RunContext(run_id=run_id, store_root=artifact_store.root_url, recipe=config)
 
 
@@ -56,7 +75,7 @@ def check_models(config: Recipe) -> None:
 
 def reopen_run(run_id: str, store: str | None) -> RunContext:
     """The context of an existing run, its recipe read back from the manifest."""
-    artifact_store = ArtifactStore(store or DEFAULT_STORE)
+    artifact_store = open_store(store or DEFAULT_STORE)
     _, config = load_run(artifact_store, check_run_id(run_id))
     return RunContext(run_id=run_id, store_root=artifact_store.root_url, recipe=config)
 
