@@ -7,6 +7,7 @@ import logging
 import os
 import platform
 import re
+import resource
 import socket
 import subprocess
 import time
@@ -218,9 +219,16 @@ def run_stage(
         "started_at": started_at,
         "finished_at": _now(),
         "seconds": round(time.monotonic() - started, 3),
+        "peak_rss_mb": peak_rss_mb(),
     }
     record = store.complete_stage(ref, record)
-    log.info("%s round %d | complete | seconds: %.1f", name, round_, record["seconds"])
+    log.info(
+        "%s round %d | complete | seconds: %.1f | peak RSS so far: %.0f MB",
+        name,
+        round_,
+        record["seconds"],
+        record["peak_rss_mb"],
+    )
     return record
 
 
@@ -266,6 +274,13 @@ def stage_seeds(recipe: Recipe, stage: str, round_: int) -> dict[str, int]:
         },
     }
     return seeds.get(stage, {})
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process and of its finished children, in MB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return round(max(own, children) / 1024, 1)
 
 
 def _now() -> str:
