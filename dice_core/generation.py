@@ -35,7 +35,7 @@ from transformers import Cache, DynamicCache, PreTrainedTokenizerBase
 
 from dice_core.config import GenerationConfig
 from dice_core.models import load_causal_lm, load_tokenizer
-from dice_core.tokens import encode_response, render_prompt
+from dice_core.tokens import render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,8 @@ _NUCLEUS_CANDIDATES = 256
 _PROGRESS_DELAY_S = 5.0
 # vLLM receives prompts in chunks of this many, so progress is reported between chunks.
 _VLLM_CHUNK = 256
-# Padded tokens per batch of the benchmark's scoring forward pass.
-_FORWARD_BATCH_TOKENS = 4096
+# Padded tokens per batch of the benchmark's plain forward pass (its logits are held whole).
+_FORWARD_BATCH_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -109,10 +109,12 @@ def make_engine(model_dir: str | Path, config: GenerationConfig, dtype: str = "f
         return VllmEngine(model_dir, config, dtype)
     if config.engine == "vllm":
         log.warning(
-            "vLLM was requested but does not import (%s): generating with transformers instead, "
-            "much slower",
+            "vLLM was requested but does not import (%s): generating with transformers on the "
+            "CPU instead, much slower",
             problem,
         )
+    else:
+        log.info("a GPU is present but vLLM does not import (%s): generating on the CPU", problem)
     return TransformersEngine(model_dir, config, dtype)
 
 
@@ -162,41 +164,49 @@ def _check_request(n: int, max_new_tokens: int, temperature: float, top_p: float
 # Sampling
 
 
-def nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+def nucleus(probs: torch.Tensor, top_p: float) -> list[Nucleus]:
     """The nucleus of each row: the tokens `TopPLogitsWarper` keeps, best first.
 
     A token is kept when the probability mass ranked strictly above it is below `top_p`,
     which is the warper's rule (drop a token when the mass of it and of all tokens below
-    it is at most 1 - top_p); the most likely token is always kept.
+    it is at most 1 - top_p); the most likely token is always kept. Rows whose nucleus
+    fits in the top `_NUCLEUS_CANDIDATES` tokens are cut from those; the others are
+    sorted in full, as a second group.
 
     Args:
         probs: Probabilities, `[rows, vocab]`.
         top_p: Nucleus mass in (0, 1].
 
     Returns:
-        Candidate probabilities (zero where dropped) and their token ids, `[rows, k]`,
-        sorted by probability, highest first.
+        One or two groups of rows, each with its candidates' probabilities (zero where
+        cut) and token ids, sorted by probability, highest first.
     """
     k = min(_NUCLEUS_CANDIDATES, probs.shape[-1])
     top_probs, top_ids = probs.topk(k, dim=-1)
     wide = top_probs.sum(-1, dtype=torch.float64) < top_p
-    if bool(wide.any()):
-        # The nucleus may reach past the candidates: sort these rows in full.
-        top_probs, top_ids = _widen(probs, top_probs, top_ids, wide)
-    above = top_probs.cumsum(-1, dtype=torch.float64) - top_probs
-    return top_probs.masked_fill(above >= top_p, 0.0), top_ids
+    if not bool(wide.any()):
+        return [Nucleus(None, _cut(top_probs, top_p), top_ids)]
+    narrow = ~wide
+    sorted_probs, sorted_ids = probs[wide].sort(dim=-1, descending=True)
+    groups = [Nucleus(wide, _cut(sorted_probs, top_p), sorted_ids)]
+    if bool(narrow.any()):
+        groups.append(Nucleus(narrow, _cut(top_probs[narrow], top_p), top_ids[narrow]))
+    return groups
 
 
-def _widen(
-    probs: torch.Tensor, top_probs: torch.Tensor, top_ids: torch.Tensor, wide: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full descending sort for the `wide` rows; the other rows are padded with zeros."""
-    full_probs = torch.zeros_like(probs)
-    full_ids = torch.zeros(probs.shape, dtype=top_ids.dtype)
-    full_probs[:, : top_probs.shape[-1]] = top_probs
-    full_ids[:, : top_ids.shape[-1]] = top_ids
-    full_probs[wide], full_ids[wide] = probs[wide].sort(dim=-1, descending=True)
-    return full_probs, full_ids
+@dataclass(frozen=True)
+class Nucleus:
+    """Nucleus candidates of a group of rows (`rows` is a boolean row mask, None for all)."""
+
+    rows: torch.Tensor | None
+    probs: torch.Tensor
+    ids: torch.Tensor
+
+
+def _cut(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero the probabilities, sorted high to low, whose mass ranked above reaches top_p."""
+    above = sorted_probs.cumsum(-1, dtype=torch.float64) - sorted_probs
+    return sorted_probs.masked_fill(above >= top_p, 0.0)
 
 
 def pick_tokens(
@@ -220,18 +230,22 @@ def pick_tokens(
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p >= 1:
-        ids = None
-    else:
-        probs, ids = nucleus(probs, top_p)
+        return _invert(probs, uniforms)[:, 0]
+    tokens = torch.empty(len(probs), dtype=torch.long)
+    for group in nucleus(probs, top_p):
+        rows = slice(None) if group.rows is None else group.rows
+        tokens[rows] = group.ids.gather(1, _invert(group.probs, uniforms[rows]))[:, 0]
+    return tokens
+
+
+def _invert(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Index `[rows, 1]` where each row's cumulative mass first exceeds uniform x total."""
     cdf = probs.cumsum(-1, dtype=torch.float64)
     target = uniforms.to(torch.float64) * cdf[:, -1]
     index = torch.searchsorted(cdf, target[:, None], right=True)
     # Rounding can put the target on the total mass; take the last token with mass then.
     last = (probs > 0).sum(-1, keepdim=True) - 1
-    index = torch.minimum(index, last)
-    if ids is None:
-        return index[:, 0]
-    return ids.gather(1, index)[:, 0]
+    return torch.minimum(index, last)
 
 
 # --------------------------------------------------------------------------------------
@@ -258,8 +272,7 @@ class SlotCache(Cache):
         self._dtype = dtype
         self.keys = [self._empty(0) for _ in range(self.num_layers)]
         self.values = [self._empty(0) for _ in range(self.num_layers)]
-        self._rows = torch.arange(rows)
-        self._positions = torch.zeros(rows, dtype=torch.long)
+        self._slots = torch.zeros(0, dtype=torch.long)
         self._span = 0
 
     def _empty(self, capacity: int) -> torch.Tensor:
@@ -298,18 +311,20 @@ class SlotCache(Cache):
 
     def prepare(self, positions: torch.Tensor) -> None:
         """Set where the next step writes (one position per row) and how far it attends."""
-        self._positions = positions
+        _, heads, capacity, _ = self.keys[0].shape
+        rows = torch.arange(len(positions))[:, None] * heads + torch.arange(heads)
+        # Flat index of (row, head, position) in a `[rows * heads * capacity, dim]` view.
+        self._slots = (rows * capacity + positions[:, None]).reshape(-1)
         self._span = int(positions.max()) + 1
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write one step's keys and values, return the rows' keys and values so far."""
-        rows = key_states.shape[0]
+        rows, dim = key_states.shape[0], key_states.shape[-1]
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        index = (self._rows[:rows], slice(None), self._positions)
-        keys[index] = key_states[:, :, 0]
-        values[index] = value_states[:, :, 0]
+        keys.view(-1, dim).index_copy_(0, self._slots, key_states.reshape(-1, dim))
+        values.view(-1, dim).index_copy_(0, self._slots, value_states.reshape(-1, dim))
         return keys[:rows, :, : self._span], values[:rows, :, : self._span]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -356,7 +371,7 @@ class _Request:
 
 
 class TransformersEngine:
-    """Batched KV-cache decoding with a transformers causal LM, built for CPUs.
+    """Batched KV-cache decoding with a transformers causal LM on the CPU.
 
     Results depend on the number of CPU threads (matrix products split their sums by
     thread), so the engine runs with `config.num_threads` and restores the process's
@@ -472,7 +487,7 @@ class _DecodeRun:
         )
         self.prefills: dict[int, _Prefill] = {}
         self.rows: list[_Sequence | None] = []
-        self.width = engine.config.batch_size
+        self.width = min(engine.config.batch_size, len(self.queue))
         self.cache = SlotCache(self.model.config, self.width, self.model.dtype)
         self.limit = max(map(len, request.prompt_ids)) + request.max_new_tokens
         self.results: list[list[list[int]]] = [[[]] * request.samples for _ in request.prompt_ids]
@@ -510,6 +525,7 @@ class _DecodeRun:
         length = len(self.request.prompt_ids[prompt])
         sequence = _Sequence(prompt, sample, prefill.uniforms[sample], length)
         sequence.tokens.append(prefill.first_tokens[sample])
+        self.meter.tokens(1)
         if self._finished(sequence):
             self._finish(sequence)
             self._forget(prompt)
@@ -792,8 +808,8 @@ def benchmark_generation(
 
     Returns:
         Tokens and seconds of each part, their tokens/s (new tokens for generation, all
-        tokens for the forward pass), `speedup_vs_generate` (engine / plain generate) and
-        `fraction_of_forward` (engine / forward pass).
+        tokens for the forward passes), `speedup_vs_generate` (engine / plain generate),
+        `fraction_of_forward` (engine / plain forward) and `fraction_of_scoring`.
     """
     engine = TransformersEngine(model_dir, config)
     baseline = list(prompts[:baseline_prompts])
@@ -820,17 +836,18 @@ def benchmark_generation(
 
 def _rates(timings: dict[str, float], threads: int) -> dict[str, float]:
     """Add tokens/s and ratios to raw token counts and seconds."""
-    engine = timings["engine_tokens"] / timings["engine_seconds"]
-    generate = timings["generate_tokens"] / timings["generate_seconds"]
-    forward = timings["forward_tokens"] / timings["forward_seconds"]
+    rates = {
+        f"{part}_tokens_per_s": timings[f"{part}_tokens"] / timings[f"{part}_seconds"]
+        for part in ("engine", "generate", "forward", "scoring")
+    }
+    engine = rates["engine_tokens_per_s"]
     return {
         **timings,
+        **rates,
         "threads": threads,
-        "engine_tokens_per_s": engine,
-        "generate_tokens_per_s": generate,
-        "forward_tokens_per_s": forward,
-        "speedup_vs_generate": engine / generate,
-        "fraction_of_forward": engine / forward,
+        "speedup_vs_generate": engine / rates["generate_tokens_per_s"],
+        "fraction_of_forward": engine / rates["forward_tokens_per_s"],
+        "fraction_of_scoring": engine / rates["scoring_tokens_per_s"],
     }
 
 
@@ -866,42 +883,40 @@ def _time_forward(
     completions: list[list[Completion]],
     count: int,
 ) -> dict[str, float]:
-    """Score up to `count` whole sequences as the reward stage would: tokens and seconds."""
-    tokenizer = engine.tokenizer
-    pairs = [
-        (render_prompt(tokenizer, prompts[p]), completions[p][k].text)
+    """Two forward passes over up to `count` whole sequences: tokens and seconds of each.
+
+    `forward`: the model's plain forward (logits at every position) on right-padded
+    batches of similar lengths. `scoring`: the reward stage's scorer on the same sequences.
+    """
+    from dice_core.config import RewardsConfig
+    from dice_core.rewards import encode_rows, length_batches, sequence_logprobs
+
+    rows = [
+        {"prompt": prompts[p], "response": completions[p][k].text}
         for k in range(len(completions[0]))
         for p in range(len(prompts))
     ][:count]
-    sequences = [encode_response(tokenizer, prompt, text) for prompt, text in pairs]
-    ids = sorted((s.prompt_ids + s.response_ids for s in sequences), key=len)
-    tokens, seconds = 0, 0.0
-    for batch in _length_batches(ids, _FORWARD_BATCH_TOKENS):
-        start = time.perf_counter()
-        _score(engine.model, batch, tokenizer.pad_token_id)
-        seconds += time.perf_counter() - start
-        tokens += sum(map(len, batch))
-    return {"forward_tokens": tokens, "forward_seconds": seconds}
+    items = encode_rows(engine.tokenizer, rows)
+    ids = [i.prompt_ids + i.response_ids for i in items]
+    pad = engine.tokenizer.pad_token_id
+    start = time.perf_counter()
+    for batch in length_batches([len(x) for x in ids], _FORWARD_BATCH_TOKENS):
+        engine.model(**_right_padded([ids[i] for i in batch], pad))
+    middle = time.perf_counter()
+    sequence_logprobs(engine.model, items, pad, RewardsConfig())
+    end = time.perf_counter()
+    tokens = sum(map(len, ids))
+    return {
+        "forward_tokens": tokens,
+        "forward_seconds": middle - start,
+        "scoring_tokens": tokens,
+        "scoring_seconds": end - middle,
+    }
 
 
-def _length_batches(ids: list[list[int]], budget: int) -> list[list[list[int]]]:
-    """Split length-sorted sequences into batches of at most `budget` padded tokens."""
-    batches: list[list[list[int]]] = [[]]
-    for sequence in ids:
-        if batches[-1] and len(sequence) * (len(batches[-1]) + 1) > budget:
-            batches.append([])
-        batches[-1].append(sequence)
-    return batches
-
-
-def _score(model: Any, batch: list[list[int]], pad_id: int) -> torch.Tensor:
-    """Summed fp32 log-probs of each sequence's tokens after the first, right-padded."""
-    width = max(map(len, batch))
-    ids = torch.full((len(batch), width), pad_id)
-    mask = torch.zeros(len(batch), width, dtype=torch.long)
-    for row, sequence in enumerate(batch):
-        ids[row, : len(sequence)] = torch.tensor(sequence)
-        mask[row, : len(sequence)] = 1
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    logps = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
-    return (logps * mask[:, 1:]).sum(-1)
+def _right_padded(ids: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
+    """Input ids and attention mask of sequences padded on the right."""
+    width = max(map(len, ids))
+    rows = [x + [pad] * (width - len(x)) for x in ids]
+    mask = [[1] * len(x) + [0] * (width - len(x)) for x in ids]
+    return {"input_ids": torch.tensor(rows), "attention_mask": torch.tensor(mask)}

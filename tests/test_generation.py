@@ -119,9 +119,13 @@ def test_nucleus_keeps_what_transformers_keeps(top_p):
     scales = torch.tensor([0.1, 1.0, 4.0, 12.0])[:, None]
     logits = torch.randn(4, 5000, generator=generator) * scales
     probs = torch.softmax(logits, dim=-1)
-    kept_probs, kept_ids = nucleus(probs, top_p)
     ours = torch.zeros_like(probs, dtype=torch.bool)
-    ours.scatter_(1, kept_ids, kept_probs > 0)
+    groups = nucleus(probs, top_p)
+    for group in groups:
+        rows = torch.ones(4, dtype=torch.bool) if group.rows is None else group.rows
+        ours[rows] = ours[rows].scatter(1, group.ids, group.probs > 0)
+    if top_p >= 0.5:
+        assert len(groups) == 2
     theirs = TopPLogitsWarper(top_p)(None, logits.clone()) > -float("inf")
     assert torch.equal(ours, theirs)
 
