@@ -416,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name in ("dice", "dice_core"):
         logging.getLogger(name).setLevel(logging.INFO)
+    # Every request to the Prefect API would otherwise be one INFO line.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         args.func(args)
     except DiceError as error:
