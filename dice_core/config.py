@@ -93,8 +93,9 @@ class GenerationConfig(StrictModel):
     num_threads: int | None = Field(
         None,
         ge=1,
-        description="CPU threads of the transformers engine (None keeps torch's setting); "
-        "samples depend on it, so keep it fixed across a run and its resumptions. ours",
+        description="CPU threads of the transformers engine (None: one fewer than the cores, "
+        "at least 1); samples depend on it, so keep it fixed across a run and its "
+        "resumptions. ours",
     )
     seed: int = Field(42, description="Sampling seed. ours")
     gpu_memory_utilization: float = Field(

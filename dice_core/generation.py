@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -374,9 +375,10 @@ class TransformersEngine:
     """Batched KV-cache decoding with a transformers causal LM on the CPU.
 
     Results depend on the number of CPU threads (matrix products split their sums by
-    thread), so the engine runs with `config.num_threads` and restores the process's
-    setting afterwards. Models whose attention uses a sliding window are decoded with full
-    attention, which is exact only while sequences stay shorter than the window.
+    thread), so the engine runs with `engine_threads(config.num_threads)` threads, a
+    number fixed by the machine, and restores the process's setting afterwards. Models
+    whose attention uses a sliding window are decoded with full attention, which is exact
+    only while sequences stay shorter than the window.
     """
 
     name = "transformers"
@@ -460,12 +462,28 @@ class TransformersEngine:
         return Completion(text, "stop" if stopped else "length", len(tokens))
 
 
+def engine_threads(count: int | None) -> int:
+    """CPU threads of the transformers engine: `count`, or one fewer than the cores.
+
+    Keeping a core free matters on shared machines: torch's OpenMP threads spin while
+    they wait for each other, and with every core busy elsewhere a decode step of many
+    small operations was measured several times slower with 2 threads than with 1.
+    """
+    if count is not None:
+        return count
+    import psutil
+
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        cores = min(cores, len(os.sched_getaffinity(0)))
+    return max(1, cores - 1)
+
+
 @contextmanager
 def _threads(count: int | None):
-    """Run torch with `count` CPU threads (None keeps the current setting), then restore."""
+    """Run torch with `engine_threads(count)` CPU threads, then restore the setting."""
     before = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
+    torch.set_num_threads(engine_threads(count))
     try:
         yield
     finally:
@@ -788,23 +806,26 @@ def benchmark_generation(
     prompts: Sequence[str],
     config: GenerationConfig,
     baseline_prompts: int = 2,
-    forward_sequences: int = 32,
+    probe_every_s: float = 15.0,
 ) -> dict[str, float]:
     """Measure three throughputs in one process, on the same prompts and settings.
 
-    In order: plain `model.generate` one prompt at a time on the first `baseline_prompts`
-    prompts (same budget and sampling, no top-k); the transformers engine generating
-    `config.samples_per_prompt` samples of every prompt; a scoring-style forward pass
-    (logits and fp32 log-probs of the response tokens) over up to `forward_sequences` of
-    the engine's whole sequences, batched by length; plain `generate` again. The two
-    baseline runs are pooled, so load that drifts during the run weighs on both sides.
+    Plain `model.generate`, one prompt at a time, on the first `baseline_prompts` prompts
+    (same budget and sampling, no top-k), before and after the engine; the transformers
+    engine generating `config.samples_per_prompt` samples of every prompt; and two forward
+    passes over the baseline's whole sequences (prompt and answer), repeated to fill a
+    batch: the model's plain forward (logits at every position) and the reward stage's
+    scorer (`rewards.sequence_logprobs`). The forward passes run every `probe_every_s`
+    seconds between engine steps, and once before and after it, so a machine whose load
+    drifts weighs on the engine and on its references alike; their time is not counted
+    as the engine's.
 
     Args:
         model_dir: Model folder.
         prompts: Raw user prompts.
         config: Generation settings (threads, batch size, budget, sampling, seed).
         baseline_prompts: Prompts generated one at a time by plain `generate`, per run.
-        forward_sequences: Engine sequences scored by the forward pass.
+        probe_every_s: Engine seconds between two forward-pass measurements.
 
     Returns:
         Tokens and seconds of each part, their tokens/s (new tokens for generation, all
@@ -812,11 +833,12 @@ def benchmark_generation(
         `fraction_of_forward` (engine / plain forward) and `fraction_of_scoring`.
     """
     engine = TransformersEngine(model_dir, config)
-    baseline = list(prompts[:baseline_prompts])
-    with _threads(config.num_threads), torch.inference_mode():
+    with _threads(config.num_threads), torch.inference_mode(), torch.random.fork_rng([]):
         threads = torch.get_num_threads()
-        timings = _time_generate(engine, baseline, config)
-        start = time.perf_counter()
+        timings, sequences = _time_generate(engine, prompts[:baseline_prompts], config)
+        probes = _ForwardProbes(engine, sequences, probe_every_s)
+        probes.run()
+        start, outside = time.perf_counter(), probes.spent
         completions = engine.complete(
             prompts,
             config.samples_per_prompt,
@@ -824,17 +846,20 @@ def benchmark_generation(
             config.temperature,
             config.top_p,
             config.seed,
+            progress=probes,
         )
-        timings["engine_seconds"] = time.perf_counter() - start
+        inside = probes.spent - outside
+        timings["engine_seconds"] = time.perf_counter() - start - inside
         timings["engine_tokens"] = sum(c.num_tokens for row in completions for c in row)
-        timings.update(_time_forward(engine, prompts, completions, forward_sequences))
-        again = _time_generate(engine, baseline, config)
+        probes.run()
+        again, _ = _time_generate(engine, prompts[:baseline_prompts], config)
+    timings.update(probes.timings)
     for key, value in again.items():
         timings[key] += value
-    return _rates(timings, threads)
+    return {**_rates(timings), "threads": threads, "forward_probes": probes.count}
 
 
-def _rates(timings: dict[str, float], threads: int) -> dict[str, float]:
+def _rates(timings: dict[str, float]) -> dict[str, float]:
     """Add tokens/s and ratios to raw token counts and seconds."""
     rates = {
         f"{part}_tokens_per_s": timings[f"{part}_tokens"] / timings[f"{part}_seconds"]
@@ -844,7 +869,6 @@ def _rates(timings: dict[str, float], threads: int) -> dict[str, float]:
     return {
         **timings,
         **rates,
-        "threads": threads,
         "speedup_vs_generate": engine / rates["generate_tokens_per_s"],
         "fraction_of_forward": engine / rates["forward_tokens_per_s"],
         "fraction_of_scoring": engine / rates["scoring_tokens_per_s"],
@@ -853,15 +877,19 @@ def _rates(timings: dict[str, float], threads: int) -> dict[str, float]:
 
 def _time_generate(
     engine: TransformersEngine, prompts: Sequence[str], config: GenerationConfig
-) -> dict[str, float]:
-    """Plain `generate`, one prompt and one sample at a time: new tokens and seconds."""
-    tokens, seconds = 0, 0.0
+) -> tuple[dict[str, float], list[tuple[list[int], list[int]]]]:
+    """Plain `generate`, one prompt and one sample at a time.
+
+    Returns:
+        New tokens and seconds, and each (prompt ids, answer ids).
+    """
+    sampling = (
+        {"do_sample": False}
+        if config.temperature == 0
+        else {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p}
+    )
+    tokens, seconds, sequences = 0, 0.0, []
     for offset, ids in enumerate(encode_prompts(engine.tokenizer, prompts)):
-        sampling = (
-            {"do_sample": False}
-            if config.temperature == 0
-            else {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p}
-        )
         torch.manual_seed(config.seed + offset)
         start = time.perf_counter()
         output = engine.model.generate(
@@ -873,45 +901,59 @@ def _time_generate(
             **sampling,
         )
         seconds += time.perf_counter() - start
-        tokens += output.shape[1] - len(ids)
-    return {"generate_tokens": tokens, "generate_seconds": seconds}
+        answer = output[0, len(ids) :].tolist()
+        tokens += len(answer)
+        sequences.append((ids, answer))
+    return {"generate_tokens": tokens, "generate_seconds": seconds}, sequences
 
 
-def _time_forward(
-    engine: TransformersEngine,
-    prompts: Sequence[str],
-    completions: list[list[Completion]],
-    count: int,
-) -> dict[str, float]:
-    """Two forward passes over up to `count` whole sequences: tokens and seconds of each.
+class _ForwardProbes:
+    """Forward-pass measurements run between engine steps, as its progress callback."""
 
-    `forward`: the model's plain forward (logits at every position) on right-padded
-    batches of similar lengths. `scoring`: the reward stage's scorer on the same sequences.
-    """
-    from dice_core.config import RewardsConfig
-    from dice_core.rewards import encode_rows, length_batches, sequence_logprobs
+    def __init__(
+        self,
+        engine: TransformersEngine,
+        sequences: list[tuple[list[int], list[int]]],
+        every_s: float,
+    ) -> None:
+        from dice_core.tokens import EncodedResponse
 
-    rows = [
-        {"prompt": prompts[p], "response": completions[p][k].text}
-        for k in range(len(completions[0]))
-        for p in range(len(prompts))
-    ][:count]
-    items = encode_rows(engine.tokenizer, rows)
-    ids = [i.prompt_ids + i.response_ids for i in items]
-    pad = engine.tokenizer.pad_token_id
-    start = time.perf_counter()
-    for batch in length_batches([len(x) for x in ids], _FORWARD_BATCH_TOKENS):
-        engine.model(**_right_padded([ids[i] for i in batch], pad))
-    middle = time.perf_counter()
-    sequence_logprobs(engine.model, items, pad, RewardsConfig())
-    end = time.perf_counter()
-    tokens = sum(map(len, ids))
-    return {
-        "forward_tokens": tokens,
-        "forward_seconds": middle - start,
-        "scoring_tokens": tokens,
-        "scoring_seconds": end - middle,
-    }
+        pairs = [EncodedResponse(prompt, answer) for prompt, answer in sequences]
+        length = sum(len(p.prompt_ids) + len(p.response_ids) for p in pairs)
+        self.items = pairs * max(1, _FORWARD_BATCH_TOKENS // max(length, 1))
+        self.engine = engine
+        self.every_s = every_s
+        self.spent = 0.0
+        self.count = 0
+        self.last = time.perf_counter()
+        self.timings = dict.fromkeys(
+            ("forward_tokens", "forward_seconds", "scoring_tokens", "scoring_seconds"), 0.0
+        )
+
+    def __call__(self, done: int, total: int) -> None:
+        if time.perf_counter() - self.last >= self.every_s:
+            self.run()
+
+    def run(self) -> None:
+        """Time one plain forward and one scoring pass over the probe batch."""
+        from dice_core.config import RewardsConfig
+        from dice_core.rewards import sequence_logprobs
+
+        pad = self.engine.tokenizer.pad_token_id
+        tokens = sum(len(i.prompt_ids) + len(i.response_ids) for i in self.items)
+        ids = [i.prompt_ids + i.response_ids for i in self.items]
+        start = time.perf_counter()
+        self.engine.model(**_right_padded(ids, pad))
+        middle = time.perf_counter()
+        sequence_logprobs(self.engine.model, self.items, pad, RewardsConfig())
+        end = time.perf_counter()
+        self.timings["forward_tokens"] += tokens
+        self.timings["forward_seconds"] += middle - start
+        self.timings["scoring_tokens"] += tokens
+        self.timings["scoring_seconds"] += end - middle
+        self.spent += end - start
+        self.count += 1
+        self.last = time.perf_counter()
 
 
 def _right_padded(ids: list[list[int]], pad: int) -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from dice_core.generation import (
     TransformersEngine,
     benchmark_generation,
     encode_prompts,
+    engine_threads,
     make_engine,
     nucleus,
     pick_tokens,
@@ -41,6 +43,11 @@ def engine_for(model_dir, **settings) -> TransformersEngine:
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir) -> TransformersEngine:
     return engine_for(tiny_model_dir, batch_size=3)
+
+
+@pytest.fixture(scope="module")
+def sft(sft_model_dir) -> TransformersEngine:
+    return engine_for(sft_model_dir, batch_size=2)
 
 
 def generate_greedy(engine: TransformersEngine, prompts: list[str], budget: int) -> list[list[int]]:
@@ -71,23 +78,21 @@ def test_greedy_equals_generate_tiny_model(tiny):
     assert [row[0] for row in got] == expected
 
 
-def test_greedy_equals_generate_real_model(sft_model_dir):
-    engine = engine_for(sft_model_dir, batch_size=2)
+def test_greedy_equals_generate_real_model(sft):
     prompts = PROMPTS[1:4]
-    expected = generate_greedy(engine, prompts, budget=8)
-    got = engine.sample_tokens(prompts, n=2, max_new_tokens=8, temperature=0.0, top_p=1.0, seed=0)
+    expected = generate_greedy(sft, prompts, budget=8)
+    got = sft.sample_tokens(prompts, n=2, max_new_tokens=8, temperature=0.0, top_p=1.0, seed=0)
     assert [row[0] for row in got] == expected
     assert all(row[0] == row[1] for row in got)
 
 
-def test_budget_boundary_real_model(sft_model_dir):
-    engine = engine_for(sft_model_dir)
+def test_budget_boundary_real_model(sft):
     prompt = ["What is 2+2? Answer with a number only."]
-    (free,) = engine.complete(prompt, 1, 16, 0.0, 1.0, 0)
+    (free,) = sft.complete(prompt, 1, 16, 0.0, 1.0, 0)
     assert free[0].finish_reason == "stop"
     used = free[0].num_tokens
-    (exact,) = engine.complete(prompt, 1, used, 0.0, 1.0, 0)
-    (short,) = engine.complete(prompt, 1, used - 1, 0.0, 1.0, 0)
+    (exact,) = sft.complete(prompt, 1, used, 0.0, 1.0, 0)
+    (short,) = sft.complete(prompt, 1, used - 1, 0.0, 1.0, 0)
     assert exact[0] == free[0]
     assert (short[0].finish_reason, short[0].num_tokens) == ("length", used - 1)
     assert free[0].text == free[0].text.strip() and "<|im_end|>" not in free[0].text
@@ -256,9 +261,24 @@ def test_benchmark_reports_rates_and_ratios(tiny_model_dir):
     config = GenerationConfig(
         engine="transformers", samples_per_prompt=2, max_new_tokens=6, num_threads=1
     )
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
     result = benchmark_generation(tiny_model_dir, PROMPTS[:2], config, baseline_prompts=1)
+    assert torch.equal(before, torch.get_rng_state())
+    assert result["forward_probes"] >= 2
     assert 0 < result["engine_tokens"] <= 2 * 2 * 6
     for key in ("engine_tokens_per_s", "generate_tokens_per_s", "forward_tokens_per_s"):
         assert result[key] > 0
     expected = result["engine_tokens_per_s"] / result["generate_tokens_per_s"]
     assert result["speedup_vs_generate"] == pytest.approx(expected)
+
+
+def test_threads_default_leaves_a_core_free(monkeypatch):
+    import psutil
+
+    assert engine_threads(3) == 3
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert engine_threads(None) == 7
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 1)
+    assert engine_threads(None) == 1
