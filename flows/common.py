@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field
 
 from dice_core.config import Recipe, load_recipe
 from dice_core.errors import RecipeError
@@ -16,6 +19,14 @@ from tasks.common import CACHE_DIR, RunContext, code_version, logger, open_store
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = PROJECT_ROOT / "recipes"
 DEFAULT_STORE = os.environ.get("DICE_STORE", "./dice-store")
+
+# The recipes in recipes/. A flow's `recipe` is one of them by name (a list in the run form of
+# a deployment) or the path of any recipe file (a text field).
+RecipeName = Literal["cpu-smollm2", "tiny", "zephyr-7b", "llama3-8b"]
+RecipeChoice = (
+    Annotated[RecipeName, Field(title="shipped recipe")]
+    | Annotated[str, Field(title="recipe file")]
+)
 
 
 def recipe_path(recipe: str) -> Path:
@@ -82,6 +93,30 @@ def reopen_run(run_id: str, store: str | None) -> RunContext:
 
 def default_run_id(config: Recipe) -> str:
     return f"{config.run.name}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+
+
+def next_round(ctx: RunContext) -> int:
+    """The first round t >= 1 whose training (or evaluation, when enabled) is not complete."""
+    last = "evaluation" if ctx.recipe.evaluation.enabled else "training"
+    round_ = 1
+    while ctx.store.is_complete(ctx.stage(round_, last)):
+        round_ += 1
+    return round_
+
+
+def name_flow_run(name: str) -> None:
+    """Rename the flow run this code runs in (to a run id or round chosen inside the flow);
+    outside a flow run, or when the API cannot be reached, the old name stays."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    if not flow_run.id or flow_run.name == name:
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(flow_run.id, name=name)
+    except Exception as error:  # a cosmetic step: never fail a run over it
+        logger().warning("flow run %s keeps its name (%s)", flow_run.name, error)
 
 
 def policy_model(ctx: RunContext, round_: int) -> str:

@@ -20,11 +20,16 @@ from dice_core.errors import DataError
 from dice_core.evaluation import answer_instructions, instruction_subset, judge_and_score
 from dice_core.models import resolve_model
 from dice_core.store import ArtifactStore, check_run_id
-from flows.common import DEFAULT_STORE, recipe_path
-from tasks.common import CACHE_DIR, logger, markdown_table
+from flows.common import DEFAULT_STORE, RecipeChoice, recipe_path
+from tasks.common import CACHE_DIR, TRANSIENT_RETRIES, logger, markdown_table
 
 
-@task(name="evaluate", tags=["gpu", "stage:evaluation"], cache_policy=NO_CACHE)
+@task(
+    name="evaluate",
+    tags=["gpu", "stage:evaluation"],
+    cache_policy=NO_CACHE,
+    **TRANSIENT_RETRIES,
+)
 def evaluate_task(
     recipe: str, model: str | None, outputs: str | None, name: str, store: str
 ) -> dict[str, Any]:
@@ -64,11 +69,11 @@ def evaluate_task(
     return scores
 
 
-@flow(name="dice-evaluate", flow_run_name="evaluate {name}", log_prints=True)
+@flow(name="dice-evaluate", flow_run_name="evaluate {name}")
 def dice_evaluate(
     model: str | None = None,
     outputs: str | None = None,
-    recipe: str = "cpu-smollm2",
+    recipe: RecipeChoice = "cpu-smollm2",
     name: str = "model",
     store: str | None = None,
 ) -> dict[str, Any]:
@@ -77,7 +82,8 @@ def dice_evaluate(
     Args:
         model: A model folder (or hub id) that answers the instructions.
         outputs: An alpaca_eval outputs JSON to judge as it is.
-        recipe: Recipe whose evaluation settings (instructions, judge) apply.
+        recipe: Recipe whose evaluation settings (instructions, judge) apply: a name from
+            recipes/ or the path of a recipe file.
         name: Name of this evaluation; results go to `evaluations/<name>` in the store.
         store: Store root (default: DICE_STORE or ./dice-store).
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import sys
 
 from prefect import flow
+from prefect.runtime import flow_run
 
-from flows.common import policy_model, reference_model, reopen_run
+from flows.common import name_flow_run, next_round, policy_model, reference_model, reopen_run
 from tasks.common import RunContext
 from tasks.evaluation import evaluation_task
 from tasks.generation import generation_task
@@ -20,6 +21,8 @@ from tasks.replay import replay_task
 from tasks.report import report_task
 from tasks.rewards import rewards_task
 from tasks.training import training_task
+
+ROUND_NAME = "{run_id} · round {round}"
 
 
 def run_round(ctx: RunContext, round_: int, sft: str) -> dict:
@@ -43,22 +46,38 @@ def run_round(ctx: RunContext, round_: int, sft: str) -> dict:
     return row
 
 
-@flow(name="dice-round", flow_run_name="{run_id} · round {round}", log_prints=True)
-def dice_round(run_id: str, round: int = 1, store: str | None = None) -> dict:  # noqa: A002
+def _round_name() -> str:
+    """The flow run's first name: run id and round (`next` until the flow finds it)."""
+    parameters = flow_run.parameters
+    return ROUND_NAME.format(
+        run_id=parameters.get("run_id"), round=parameters.get("round") or "next"
+    )
+
+
+@flow(name="dice-round", flow_run_name=_round_name)
+def dice_round(
+    run_id: str,
+    round: int | None = None,  # noqa: A002
+    store: str | None = None,
+) -> dict:
     """Run (or resume) round `round` of an existing run; its recipe comes from the run's
     manifest, pi_{t-1} and ref_{t-1} from the store.
 
     Args:
         run_id: The run, as created by `dice run` or the dice-run deployment.
-        round: The round, 1 or more; the rounds before it must be complete.
+        round: The round, 1 or more; the rounds before it must be complete. Empty: the next
+            round, the first whose stages are not all complete (a nightly continuation).
         store: The run's store root (default: DICE_STORE or ./dice-store).
 
     Returns:
         The round's summary row: pairs, alpha, DPO loss, WR, LC.
     """
-    if round < 1:
+    if round is not None and round < 1:
         raise ValueError(f"round must be 1 or more (got {round}); round 0 belongs to dice-run")
     ctx = reopen_run(run_id, store)
+    if round is None:
+        round = next_round(ctx)  # noqa: A001
+        name_flow_run(ROUND_NAME.format(run_id=run_id, round=round))
     return run_round(ctx, round, prepare_sft_task(ctx))
 
 

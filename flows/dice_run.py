@@ -6,12 +6,14 @@ prefect deployment run dice-run/dice-run -p recipe=cpu-smollm2
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
 
-from flows.common import policy_model, start_run
+from flows.common import RecipeChoice, name_flow_run, policy_model, start_run
 from flows.dice_round import dice_round
 from tasks.common import RunContext, artifact_key, logger, markdown_table
 from tasks.evaluation import evaluation_task
@@ -54,9 +56,16 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-@flow(name="dice-run", flow_run_name="{run_id}", log_prints=True)
+def _run_name() -> str:
+    """The flow run's first name: the run id, or the recipe until the flow picks one."""
+    parameters = flow_run.parameters
+    recipe = Path(str(parameters.get("recipe", "dice"))).stem
+    return parameters.get("run_id") or f"new {recipe} run"
+
+
+@flow(name="dice-run", flow_run_name=_run_name)
 def dice_run(
-    recipe: str = "cpu-smollm2",
+    recipe: RecipeChoice = "cpu-smollm2",
     run_id: str | None = None,
     store: str | None = None,
     rounds: int | None = None,
@@ -65,7 +74,7 @@ def dice_run(
     """Run DICE end to end, or resume a run: finished stages are skipped.
 
     Args:
-        recipe: A recipe name from recipes/ (cpu-smollm2, zephyr-7b, llama3-8b) or a path.
+        recipe: A recipe shipped in recipes/, by name, or the path of a recipe file.
         run_id: The run id; reuse one to resume it (default: recipe name and UTC time).
         store: Artifact store root, a folder or s3://bucket/prefix (default: ./dice-store).
         rounds: Override the recipe's number of DICE rounds.
@@ -78,6 +87,7 @@ def dice_run(
     if rounds is not None:
         overrides["run.rounds"] = rounds
     ctx = start_run(recipe, run_id, store, overrides)
+    name_flow_run(ctx.run_id)
     log = logger()
     log.info(
         "run %s | recipe: %s | store: %s | rounds: %d",
