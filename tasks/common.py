@@ -31,6 +31,56 @@ CACHE_DIR = Path(os.environ.get("DICE_CACHE_DIR") or Path.home() / ".cache" / "d
 STORE_BLOCK_ENV = "DICE_STORE_BLOCK"
 
 
+# Failures a later attempt can get past: the store or the judge endpoint unreachable, a reset
+# connection, a timeout. Backend errors are matched by class name (botocore, aiohttp, httpx
+# are not imported here); a StoreError keeps the backend error as its context.
+_TRANSIENT_ERRORS = frozenset(
+    {
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "ConnectionClosedError",
+        "ClientConnectorError",
+        "ServerDisconnectedError",
+        "ClientPayloadError",
+        "TransportError",
+    }
+)
+# The judge raises this once its own retries of transient answers (timeouts, 408, 409, 429,
+# 5xx) are spent; every other JudgeError is a bad answer, a refused cost or a missing key.
+_JUDGE_GAVE_UP = "the judge endpoint failed"
+
+
+def is_transient(error: BaseException | None) -> bool:
+    """Whether `error`, or an error it was raised from or while handling, is a connection
+    failure or a timeout; bad input, bad recipes and failed stages never are."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        names = {cls.__name__ for cls in type(error).__mro__}
+        if isinstance(error, ConnectionError | TimeoutError) or names & _TRANSIENT_ERRORS:
+            return True
+        if "JudgeError" in names and str(error).startswith(_JUDGE_GAVE_UP):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """A task's `retry_condition_fn`: retry a failure only when it is transient."""
+    error = state.data if isinstance(state.data, BaseException) else None
+    return is_transient(error)
+
+
+# Stage tasks retry transient failures twice, after 30 s then 2 min (the store and the judge
+# client have retried for seconds already); a deterministic failure fails at once.
+TRANSIENT_RETRIES: dict[str, Any] = {
+    "retries": 2,
+    "retry_delay_seconds": [30, 120],
+    "retry_condition_fn": retry_if_transient,
+}
+
+
 @dataclass
 class RunContext:
     """Everything a stage needs to find its inputs and write its outputs."""

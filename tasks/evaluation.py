@@ -7,10 +7,23 @@ from prefect.cache_policies import NO_CACHE
 
 from dice_core.evaluation import answer_instructions, instruction_subset, judge_and_score
 from dice_core.store import StageRef
-from tasks.common import Progress, RunContext, logger, markdown_table, publish, run_stage
+from tasks.common import (
+    TRANSIENT_RETRIES,
+    Progress,
+    RunContext,
+    logger,
+    markdown_table,
+    publish,
+    run_stage,
+)
 
 
-@task(name="evaluation", tags=["gpu", "stage:evaluation"], cache_policy=NO_CACHE)
+@task(
+    name="evaluation",
+    tags=["gpu", "stage:evaluation"],
+    cache_policy=NO_CACHE,
+    **TRANSIENT_RETRIES,
+)
 def evaluation_task(ctx: RunContext, round_: int, model: str, sft: str) -> dict:
     """Answer the AlpacaEval instructions with the round's model, judge, and score."""
     config = ctx.recipe.evaluation

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-from dice_core.generation import make_engine
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from dice_core.data import draw_round_prompts, load_prompts
+from dice_core.generation import make_engine
 from dice_core.models import load_tokenizer
 from dice_core.store import StageRef
 from dice_core.tokens import render_prompt
-from tasks.common import Progress, RunContext, logger, markdown_table, publish, run_stage
+from tasks.common import (
+    TRANSIENT_RETRIES,
+    Progress,
+    RunContext,
+    logger,
+    markdown_table,
+    publish,
+    run_stage,
+)
 
 
 def round_prompts(ctx: RunContext, round_: int, policy_dir) -> list[dict[str, str]]:
@@ -30,7 +38,12 @@ def round_prompts(ctx: RunContext, round_: int, policy_dir) -> list[dict[str, st
     )
 
 
-@task(name="generation", tags=["gpu", "stage:generation"], cache_policy=NO_CACHE)
+@task(
+    name="generation",
+    tags=["gpu", "stage:generation"],
+    cache_policy=NO_CACHE,
+    **TRANSIENT_RETRIES,
+)
 def generation_task(ctx: RunContext, round_: int, policy: str) -> dict:
     """Sample K responses per prompt from pi_{t-1}; keeps finish reasons and token counts."""
     config = ctx.recipe.generation

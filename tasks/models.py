@@ -9,12 +9,19 @@ from dice_core.data import load_pairs, sample_pairs
 from dice_core.models import GGUF_PACKAGE, resolve_model
 from dice_core.rewards import pair_accuracy
 from dice_core.store import StageRef
-from tasks.common import RunContext, logger, markdown_table, publish, run_stage
+from tasks.common import TRANSIENT_RETRIES, RunContext, logger, markdown_table, publish, run_stage
 
 SFT_PREFIX = "models/smollm2-135m-instruct"
 
 
-@task(name="prepare-sft", tags=["stage:models"], cache_policy=NO_CACHE, retries=1)
+# Copying the SFT model into the store is I/O alone: an hour covers a 7B model to S3.
+@task(
+    name="prepare-sft",
+    tags=["stage:models"],
+    cache_policy=NO_CACHE,
+    timeout_seconds=3600,
+    **TRANSIENT_RETRIES,
+)
 def prepare_sft_task(ctx: RunContext) -> str:
     """A model reference for the SFT model; the GGUF default is converted once per store."""
     source = ctx.recipe.models.sft
@@ -26,13 +33,19 @@ def prepare_sft_task(ctx: RunContext) -> str:
         logger().info(
             "models | storing the converted SFT model at %s/%s", store.root_url, SFT_PREFIX
         )
-        store.delete(SFT_PREFIX)
+        # Every file is replaced whole and with the same bytes, so runs that start together
+        # on one store may all copy: none deletes what another is writing.
         keys = store.put_dir(local, SFT_PREFIX)
         store.write_json(marker, {"source": source, "files": keys})
     return f"store:{SFT_PREFIX}"
 
 
-@task(name="heldout-accuracy", tags=["gpu", "stage:rewards", "round:0"], cache_policy=NO_CACHE)
+@task(
+    name="heldout-accuracy",
+    tags=["gpu", "stage:rewards", "round:0"],
+    cache_policy=NO_CACHE,
+    **TRANSIENT_RETRIES,
+)
 def heldout_accuracy_task(ctx: RunContext, policy: str, reference: str) -> dict:
     """Implicit-reward accuracy of pi_0 against the SFT model on held-out pairs."""
     r0 = ctx.recipe.round0

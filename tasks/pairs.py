@@ -7,10 +7,10 @@ from prefect.cache_policies import NO_CACHE
 
 from dice_core.pairs import build_pairs
 from dice_core.store import StageRef
-from tasks.common import RunContext, logger, markdown_table, publish, run_stage
+from tasks.common import TRANSIENT_RETRIES, RunContext, logger, markdown_table, publish, run_stage
 
 
-@task(name="pairs", tags=["stage:pairs"], cache_policy=NO_CACHE)
+@task(name="pairs", tags=["stage:pairs"], cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def pairs_task(ctx: RunContext, round_: int) -> dict:
     """Length-regularised pairs from the scored samples; saves the alpha curve."""
     rewards_key = f"{ctx.stage(round_, 'rewards').prefix}/rewards.jsonl"

@@ -10,10 +10,10 @@ from prefect.cache_policies import NO_CACHE
 from dice_core.data import load_pairs
 from dice_core.replay import mix
 from dice_core.store import StageRef
-from tasks.common import RunContext, markdown_table, publish, run_stage
+from tasks.common import TRANSIENT_RETRIES, RunContext, markdown_table, publish, run_stage
 
 
-@task(name="replay", tags=["stage:replay"], cache_policy=NO_CACHE)
+@task(name="replay", tags=["stage:replay"], cache_policy=NO_CACHE, **TRANSIENT_RETRIES)
 def replay_task(ctx: RunContext, round_: int) -> dict:
     """The round's training set: sampled on-policy pairs first, then replayed offline pairs."""
     pairs_key = f"{ctx.stage(round_, 'pairs').prefix}/pairs.jsonl"

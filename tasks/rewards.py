@@ -9,10 +9,15 @@ from prefect.cache_policies import NO_CACHE
 
 from dice_core.rewards import score_samples
 from dice_core.store import StageRef
-from tasks.common import Progress, RunContext, markdown_table, publish, run_stage
+from tasks.common import TRANSIENT_RETRIES, Progress, RunContext, markdown_table, publish, run_stage
 
 
-@task(name="rewards", tags=["gpu", "stage:rewards"], cache_policy=NO_CACHE)
+@task(
+    name="rewards",
+    tags=["gpu", "stage:rewards"],
+    cache_policy=NO_CACHE,
+    **TRANSIENT_RETRIES,
+)
 def rewards_task(ctx: RunContext, round_: int, policy: str, reference: str) -> dict:
     """r(x, y) = log pi(y|x) - log ref(y|x), fp32 sums over response tokens with EOS."""
     samples_key = f"{ctx.stage(round_, 'generation').prefix}/samples.jsonl"

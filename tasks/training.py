@@ -13,7 +13,7 @@ from dice_core.config import TrainingConfig
 from dice_core.data import load_pairs, sample_pairs
 from dice_core.store import StageRef
 from dice_core.training import train_dpo
-from tasks.common import Progress, RunContext, markdown_table, publish, run_stage
+from tasks.common import TRANSIENT_RETRIES, Progress, RunContext, markdown_table, publish, run_stage
 
 TRAIN_FIELDS = ("prompt", "chosen", "rejected", "ref_chosen_logps", "ref_rejected_logps")
 
@@ -92,7 +92,12 @@ def _publish(ctx: RunContext, round_: int, summary: dict) -> None:
     )
 
 
-@task(name="training", tags=["gpu", "stage:training"], cache_policy=NO_CACHE)
+@task(
+    name="training",
+    tags=["gpu", "stage:training"],
+    cache_policy=NO_CACHE,
+    **TRANSIENT_RETRIES,
+)
 def training_task(ctx: RunContext, round_: int, policy: str) -> dict:
     """DPO on the replay mix; the reference is the round's start policy pi_{t-1}."""
     train_key = f"{ctx.stage(round_, 'replay').prefix}/train.jsonl"
@@ -108,7 +113,12 @@ def training_task(ctx: RunContext, round_: int, policy: str) -> dict:
     )
 
 
-@task(name="round0-training", tags=["gpu", "stage:training", "round:0"], cache_policy=NO_CACHE)
+@task(
+    name="round0-training",
+    tags=["gpu", "stage:training", "round:0"],
+    cache_policy=NO_CACHE,
+    **TRANSIENT_RETRIES,
+)
 def round0_training_task(ctx: RunContext, sft: str) -> dict:
     """pi_0: DPO of the SFT model on offline pairs (the DPO model the paper starts from)."""
     r0 = ctx.recipe.round0
