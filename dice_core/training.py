@@ -1057,3 +1057,49 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m dice_core.training JOB.json")
     _child_main(Path(sys.argv[1]))
+
+
+def benchmark_reference_reuse(
+    policy_dir: Path, pairs: list[dict], config: TrainingConfig, scratch: Path
+) -> dict[str, float]:
+    """Time the same DPO steps twice in one process: with the reference log-probs supplied
+    (as the rewards stage hands them over for on-policy pairs) and with the reference model
+    computing them. The supplied values are computed first, untimed, by the rewards scorer.
+
+    Args:
+        policy_dir: The start policy, which is also the reference.
+        pairs: `{prompt, chosen, rejected}` rows.
+        config: DPO settings (steps, batch, cutoff).
+        scratch: A folder for the two trained models.
+
+    Returns:
+        Wall seconds of each run, mean seconds per step, and their ratio.
+    """
+    from dice_core.config import RewardsConfig
+    from dice_core.rewards import score_samples
+
+    rows = [
+        {"prompt": p["prompt"], "response": p[side]}
+        for p in pairs
+        for side in ("chosen", "rejected")
+    ]
+    logps = score_samples(str(policy_dir), str(policy_dir), rows, RewardsConfig())
+    supplied = [
+        {
+            **p,
+            "ref_chosen_logps": logps[2 * i]["policy_logp"],
+            "ref_rejected_logps": logps[2 * i + 1]["policy_logp"],
+        }
+        for i, p in enumerate(pairs)
+    ]
+    timings = {}
+    for name, data in (("computed", pairs), ("supplied", supplied)):
+        started = time.monotonic()
+        result = train_dpo(policy_dir, data, config, scratch / name, label=f"bench-{name}")
+        timings[f"{name}_seconds"] = time.monotonic() - started
+        timings[f"{name}_reference_forwards"] = result.reference_computed
+        timings[f"{name}_final_loss"] = result.final_loss
+    timings["ratio_computed_over_supplied"] = (
+        timings["computed_seconds"] / timings["supplied_seconds"]
+    )
+    return timings

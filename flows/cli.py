@@ -314,6 +314,36 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(ctx.store.read_text(key))
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from dice_core.data import load_pairs, load_prompts, sample_pairs
+    from dice_core.models import resolve_model
+
+    recipe = _recipe(args)
+    model = resolve_model(recipe.models.sft, Path.home() / ".cache" / "dice" / "models")
+    if args.part == "generation":
+        from dice_core.generation import benchmark_generation
+
+        prompts = [p["prompt"] for p in load_prompts(recipe.data.prompts)]
+        prompts = sorted(prompts, key=len)[: args.count]
+        result = benchmark_generation(model, prompts, recipe.generation)
+    else:
+        from dice_core.training import benchmark_reference_reuse
+
+        pairs = sample_pairs(
+            load_pairs(recipe.data.offline_pairs),
+            args.count,
+            recipe.data.seed,
+            recipe.round0.max_pair_chars,
+        )
+        config = recipe.training.model_copy(update={"max_steps": args.steps})
+        with tempfile.TemporaryDirectory(prefix="dice-bench-") as scratch:
+            result = benchmark_reference_reuse(model, pairs, config, Path(scratch))
+    for key, value in result.items():
+        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+
+
 # ------------------------------------------------------------------- parser
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dice", description=__doc__.split("\n\n")[0])
@@ -398,6 +428,11 @@ def _parser() -> argparse.ArgumentParser:
     p = command("report", cmd_report, "rebuild the reports and plots of a run", recipe=False)
     p.add_argument("run_id")
     p.add_argument("--store")
+
+    p = command("bench", cmd_bench, "measure an engine against its plain baseline, in one run")
+    p.add_argument("part", choices=["generation", "training"])
+    p.add_argument("--count", type=int, default=8, help="prompts (generation) or pairs (training)")
+    p.add_argument("--steps", type=int, default=2, help="DPO steps (training)")
 
     p = command("runs", cmd_runs, "list runs or show one run's stages", recipe=False)
     p.add_argument("action", choices=["list", "show"])
