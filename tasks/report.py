@@ -112,16 +112,17 @@ def key_numbers(data: RoundData) -> dict[str, Any]:
 
 
 def pair_examples(data: RoundData, count: int = 3) -> list[dict[str, Any]]:
-    """The first pairs with their implicit rewards and lengths in characters."""
+    """The first pairs with their implicit rewards r and lengths in characters, texts cut
+    short enough for the table to fit a page."""
     return [
         {
-            "prompt": pair["prompt"][:60],
-            "chosen": pair["chosen"][:80],
-            "chosen_reward": pair["chosen_reward"],
-            "chosen_chars": pair["chosen_chars"],
-            "rejected": pair["rejected"][:80],
-            "rejected_reward": pair["rejected_reward"],
-            "rejected_chars": pair["rejected_chars"],
+            "prompt": pair["prompt"][:40],
+            "chosen": pair["chosen"][:48],
+            "r(chosen)": pair["chosen_reward"],
+            "len(chosen)": pair["chosen_chars"],
+            "rejected": pair["rejected"][:48],
+            "r(rejected)": pair["rejected_reward"],
+            "len(rejected)": pair["rejected_chars"],
         }
         for pair in data.pairs[:count]
     ]
