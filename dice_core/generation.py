@@ -32,7 +32,9 @@ from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
-from transformers import Cache, DynamicCache, PreTrainedTokenizerBase
+from transformers import AttentionInterface, Cache, DynamicCache, PreTrainedTokenizerBase
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from dice_core.config import GenerationConfig
 from dice_core.models import load_causal_lm, load_tokenizer
@@ -45,6 +47,13 @@ Progress = Callable[[int, int], None]
 # Candidates taken by top-k before the nucleus cut; a row whose nucleus is wider is sorted
 # in full. 256 covers the nucleus of nearly every step of a trained model at top_p 0.9.
 _NUCLEUS_CANDIDATES = 256
+# Decode attention runs on chunks of this many rows, each over its own longest row.
+_ATTENTION_CHUNK = 8
+# Rows are re-sorted by length when the attention reads saved over this many steps pay
+# for copying the cache once.
+_RESORT_HORIZON = 32
+# Name under which the chunked decode attention is registered with transformers.
+_SLOT_ATTENTION = "dice_slot_attention"
 # The progress bar appears only for calls that last longer than this (seconds).
 _PROGRESS_DELAY_S = 5.0
 # vLLM receives prompts in chunks of this many, so progress is reported between chunks.
@@ -275,6 +284,7 @@ class SlotCache(Cache):
         self.values = [self._empty(0) for _ in range(self.num_layers)]
         self._slots = torch.zeros(0, dtype=torch.long)
         self._span = 0
+        self.chunks: list[tuple[int, int, int]] = []
 
     def _empty(self, capacity: int) -> torch.Tensor:
         rows, heads, _, head_dim = self._shape
@@ -317,6 +327,22 @@ class SlotCache(Cache):
         # Flat index of (row, head, position) in a `[rows * heads * capacity, dim]` view.
         self._slots = (rows * capacity + positions[:, None]).reshape(-1)
         self._span = int(positions.max()) + 1
+        ends = (positions + 1).tolist()
+        self.chunks = [
+            (
+                start,
+                min(start + _ATTENTION_CHUNK, len(ends)),
+                max(ends[start : start + _ATTENTION_CHUNK]),
+            )
+            for start in range(0, len(ends), _ATTENTION_CHUNK)
+        ]
+
+    def permute(self, order: list[int], span: int) -> None:
+        """Put row `order[i]` in row i, for the first `span` positions."""
+        index = torch.tensor(order, dtype=torch.long)
+        for store in (self.keys, self.values):
+            for tensor in store:
+                tensor[: len(order), :, :span] = tensor[index, :, :span]
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
@@ -331,6 +357,49 @@ class SlotCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Longest row seen by the next step."""
         return self._span
+
+
+def _slot_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    slot_chunks: list[tuple[int, int, int]] | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """SDPA, except that a decode step over a `SlotCache` attends chunk by chunk of rows.
+
+    Each chunk reads keys and values only up to its own longest row instead of the
+    batch's longest. Calls without chunks (prefill, `generate`, scoring) are plain SDPA.
+    """
+    if slot_chunks is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    rows, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    output = query.new_empty(rows, 1, heads, dim)
+    for start, stop, span in slot_chunks:
+        # One query per row: the heads that share a key head become its queries.
+        grouped = query[start:stop].reshape(stop - start, kv_heads, heads // kv_heads, dim)
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            grouped,
+            key[start:stop, :, :span],
+            value[start:stop, :, :span],
+            attn_mask=attention_mask[start:stop, :, :, :span],
+            scale=kwargs.get("scaling"),
+        )
+        output[start:stop] = attended.reshape(stop - start, 1, heads, dim)
+    return output, None
+
+
+def _use_slot_attention(model: Any) -> bool:
+    """Route an SDPA model's attention through `_slot_attention`; False for other models."""
+    if model.config._attn_implementation != "sdpa":
+        return False
+    AttentionInterface.register(_SLOT_ATTENTION, _slot_attention)
+    AttentionMaskInterface.register(_SLOT_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(_SLOT_ATTENTION)
+    return True
 
 
 # --------------------------------------------------------------------------------------
@@ -396,6 +465,8 @@ class TransformersEngine:
                 f"{model_dir}: the transformers engine needs `sdpa` or `eager` attention, "
                 f"the model uses {attention!r}"
             )
+        # Eager-attention models attend over the batch's longest row, chunks unused.
+        self.chunked = _use_slot_attention(self.model)
 
     def complete(
         self,
@@ -498,6 +569,7 @@ class _DecodeRun:
     ) -> None:
         self.model = engine.model
         self.eos = engine.eos
+        self.chunked = engine.chunked
         self.request = request
         self.copies = copies
         self.queue = deque(
@@ -519,6 +591,7 @@ class _DecodeRun:
                 self._step()
                 self._admit()
                 self._compact()
+                self._resort()
         return self.results
 
     # Scheduling -----------------------------------------------------------------------
@@ -598,6 +671,20 @@ class _DecodeRun:
             while self.rows and self.rows[-1] is None:
                 self.rows.pop()
 
+    def _resort(self) -> None:
+        """Sort rows by length, longest first, when the attention reads saved pay the copy."""
+        if not self.chunked or not self.rows:
+            return
+        lengths = [s.length for s in self.rows]
+        order = sorted(range(len(lengths)), key=lambda row: -lengths[row])
+        saved = _chunked_reads(lengths) - _chunked_reads([lengths[r] for r in order])
+        span = max(lengths, default=0) + 1
+        # Moving a row reads and writes it once: 2 x rows x span positions for all rows.
+        if saved * _RESORT_HORIZON <= 2 * len(lengths) * span:
+            return
+        self.cache.permute(order, span)
+        self.rows = [self.rows[r] for r in order]
+
     # Decoding -------------------------------------------------------------------------
 
     def _step(self) -> None:
@@ -612,6 +699,7 @@ class _DecodeRun:
             attention_mask=self._mask(positions),
             cache=self.cache,
             use_cache=True,
+            **({"slot_chunks": self.cache.chunks} if self.chunked else {}),
         ).logits[:, -1]
         uniforms = torch.tensor([s.uniforms[len(s.tokens)] if s.uniforms else 0.0 for s in rows])
         chosen = pick_tokens(logits, uniforms, self.request.temperature, self.request.top_p)
@@ -641,6 +729,15 @@ class _DecodeRun:
         """Record a finished sample."""
         self.results[sequence.prompt][sequence.sample] = sequence.tokens
         self.meter.finished(self.copies)
+
+
+def _chunked_reads(lengths: list[int]) -> int:
+    """Positions read by chunked attention over rows of these lengths, in this order."""
+    return sum(
+        max(lengths[start : start + _ATTENTION_CHUNK])
+        * len(lengths[start : start + _ATTENTION_CHUNK])
+        for start in range(0, len(lengths), _ATTENTION_CHUNK)
+    )
 
 
 class _Meter:
@@ -962,3 +1059,41 @@ def _right_padded(ids: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
     rows = [x + [pad] * (width - len(x)) for x in ids]
     mask = [[1] * len(x) + [0] * (width - len(x)) for x in ids]
     return {"input_ids": torch.tensor(rows), "attention_mask": torch.tensor(mask)}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run `benchmark_generation` on UltraFeedback prompts and print its result as JSON."""
+    import argparse
+    import json
+
+    from dice_core.data import load_prompts
+
+    parser = argparse.ArgumentParser(description="Benchmark the transformers engine.")
+    parser.add_argument("model_dir", help="model folder (safetensors and tokenizer)")
+    parser.add_argument("--prompts", type=int, default=16, help="prompts to generate for")
+    parser.add_argument("--max-prompt-tokens", type=int, default=96, help="longest prompt kept")
+    parser.add_argument("--source", default="builtin:ultrafeedback/train1000.jsonl")
+    parser.add_argument("--baseline-prompts", type=int, default=2)
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="GenerationConfig fields, e.g. batch_size=64 num_threads=1",
+    )
+    args = parser.parse_args(argv)
+    config = GenerationConfig(
+        engine="transformers", **dict(item.split("=", 1) for item in args.set)
+    )
+    tokenizer = load_tokenizer(args.model_dir)
+    pool = [p["prompt"] for p in load_prompts(args.source)]
+    lengths = [len(ids) for ids in encode_prompts(tokenizer, pool)]
+    prompts = [p for p, n in zip(pool, lengths, strict=True) if n <= args.max_prompt_tokens]
+    result = benchmark_generation(
+        args.model_dir, prompts[: args.prompts], config, args.baseline_prompts
+    )
+    print(json.dumps({"config": config.model_dump(), **result}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -12,6 +12,7 @@ from transformers.generation.logits_process import TopPLogitsWarper
 from dice_core.config import GenerationConfig
 from dice_core.generation import (
     Completion,
+    SlotCache,
     TransformersEngine,
     benchmark_generation,
     encode_prompts,
@@ -41,8 +42,27 @@ def engine_for(model_dir, **settings) -> TransformersEngine:
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_model_dir) -> TransformersEngine:
-    return engine_for(tiny_model_dir, batch_size=3)
+def sharp_model_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny model with weights 25x larger: its next token depends on the context.
+
+    With the usual 0.02 initialisation, greedy decoding repeats one token whatever the
+    prompt, so a broken cache or attention mask would go unnoticed.
+    """
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_pretrained(tiny_model_dir)
+    config.initializer_range = 0.5
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    out = tmp_path_factory.mktemp("sharp-model")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(sharp_model_dir) -> TransformersEngine:
+    return engine_for(sharp_model_dir, batch_size=3)
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +71,27 @@ def sft(sft_model_dir) -> TransformersEngine:
 
 
 def generate_greedy(engine: TransformersEngine, prompts: list[str], budget: int) -> list[list[int]]:
-    """Reference: transformers' own greedy `generate` on a left-padded batch."""
-    tokenizer = engine.tokenizer
-    tokenizer.padding_side = "left"
-    texts = [render_prompt(tokenizer, p) for p in prompts]
-    batch = tokenizer(texts, return_tensors="pt", padding=True)
-    with torch.inference_mode():
-        output = engine.model.generate(
-            **batch, do_sample=False, max_new_tokens=budget, pad_token_id=tokenizer.pad_token_id
-        )
+    """Reference: transformers' own greedy `generate` on a left-padded batch, one thread."""
+    pad = engine.tokenizer.pad_token_id
+    ids = encode_prompts(engine.tokenizer, prompts)
+    width = max(map(len, ids))
+    inputs = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            output = engine.model.generate(
+                input_ids=inputs,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=budget,
+                pad_token_id=pad,
+            )
+    finally:
+        torch.set_num_threads(threads)
     rows = []
-    for row in output[:, batch["input_ids"].shape[1] :].tolist():
+    for row in output[:, width:].tolist():
         cut = next((i + 1 for i, t in enumerate(row) if t in engine.eos), len(row))
         rows.append(row[:cut])
     return rows
@@ -76,6 +106,24 @@ def test_greedy_equals_generate_tiny_model(tiny):
     expected = generate_greedy(tiny, PROMPTS, budget=20)
     got = tiny.sample_tokens(PROMPTS, n=1, max_new_tokens=20, temperature=0.0, top_p=1.0, seed=0)
     assert [row[0] for row in got] == expected
+
+
+def test_greedy_equals_generate_with_chunked_attention(sharp_model_dir, monkeypatch):
+    # Twelve rows make two attention chunks; short and long prompts alternate, so the
+    # engine sorts its rows by length before decoding.
+    short, long = ["Hi", "2+2?", "Why?"], [PROMPTS[1], PROMPTS[3], PROMPTS[4]]
+    prompts = [p for pair in zip(short * 2, long * 2, strict=True) for p in pair]
+    moves = []
+    permute = SlotCache.permute
+    monkeypatch.setattr(
+        SlotCache, "permute", lambda self, *args: moves.append(args) or permute(self, *args)
+    )
+    engine = engine_for(sharp_model_dir, batch_size=12)
+    assert engine.chunked
+    expected = generate_greedy(engine, prompts, budget=10)
+    got = engine.sample_tokens(prompts, 1, 10, temperature=0.0, top_p=1.0, seed=0)
+    assert [row[0] for row in got] == expected
+    assert moves
 
 
 def test_greedy_equals_generate_real_model(sft):
@@ -170,9 +218,9 @@ def test_same_seed_same_samples_whatever_else(tiny):
     assert len({c.text for c in first[0]}) > 1
 
 
-def test_samples_do_not_depend_on_prompt_order(tiny_model_dir):
+def test_samples_do_not_depend_on_prompt_order(sharp_model_dir):
     # Reversing the prompts puts every sample in other rows at other steps.
-    engine = engine_for(tiny_model_dir, batch_size=4)
+    engine = engine_for(sharp_model_dir, batch_size=4)
     forward = engine.sample_tokens(PROMPTS[:3], 3, 8, 1.0, 0.9, seed=5)
     backward = engine.sample_tokens(PROMPTS[2::-1], 3, 8, 1.0, 0.9, seed=5)
     assert forward == backward[::-1]
