@@ -39,18 +39,33 @@ def read_jsonl(
         The records, in file order.
 
     Raises:
-        DataError: Missing file, invalid JSON, a record that is not an object, a missing or
-            mistyped field, or no record at all; the message names file, line and field.
+        DataError: Missing file, bytes that are not UTF-8, invalid JSON, a record that is not
+            an object, a missing or mistyped field, or no record at all; the message names
+            file, line and field.
+    """
+    return [record for _, record in numbered_records(path, fields)]
+
+
+def numbered_records(path: str | Path, fields: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) for every non-blank line of a JSONL file, each record checked.
+
+    Raises:
+        DataError: As `read_jsonl`.
     """
     file = resolve_path(str(path))
     if not file.is_file():
         raise DataError(f"{path}: file not found")
     records = []
-    with file.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            records.append(_parse_line(file, number, line, fields))
+    with file.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(
+                    f"{file}: line {number}: not UTF-8 text (byte {error.start + 1})"
+                ) from None
+            if line.strip():
+                records.append((number, _parse_line(file, number, line, fields)))
     if not records:
         raise DataError(f"{path}: no records (expected JSON lines with {', '.join(fields)})")
     return records
@@ -90,11 +105,10 @@ def load_prompts(path: str) -> list[dict[str, str]]:
     Raises:
         DataError: As `read_jsonl`, or a prompt that is blank.
     """
-    records = read_jsonl(path, {"prompt": str})
     prompts = []
-    for number, record in enumerate(records, start=1):
+    for number, record in numbered_records(path, {"prompt": str}):
         if not record["prompt"].strip():
-            raise DataError(f"{path}: record {number}: field `prompt` is empty")
+            raise DataError(f"{path}: line {number}: field `prompt` is empty")
         pid = str(record.get("prompt_id") or prompt_id(record["prompt"]))
         prompts.append({"prompt_id": pid, "prompt": record["prompt"]})
     return prompts

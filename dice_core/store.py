@@ -38,7 +38,7 @@ import fsspec
 from dice_core.errors import StoreError
 
 COMPLETE = "_COMPLETE.json"
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}")
 _CHUNK = 8 * 1024 * 1024
 _DIGEST_META = "sha256"
 _SECRET_OPTIONS = ("secret", "token", "aws_secret_access_key", "aws_session_token")
@@ -59,7 +59,7 @@ def check_run_id(run_id: str) -> str:
     Raises:
         StoreError: Empty, too long, with separators, `..`, or non-ASCII look-alikes.
     """
-    if not isinstance(run_id, str) or not _RUN_ID.match(run_id) or ".." in run_id:
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id) or ".." in run_id:
         raise StoreError(
             f"invalid run id {run_id!r}: use 1 to 80 ASCII letters, digits, '.', '_' or '-', "
             "starting with a letter or digit, without '..'"
@@ -481,7 +481,7 @@ class ArtifactStore:
             if not self.fs.exists(base):
                 return iter(())
             names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False)]
-        return iter(sorted(n for n in names if _RUN_ID.match(n)))
+        return iter(sorted(n for n in names if _RUN_ID.fullmatch(n)))
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

@@ -277,7 +277,10 @@ def cmd_runs(args: argparse.Namespace) -> None:
     _store_block(args)
     store = open_store(args.store or DEFAULT_STORE)
     if args.action == "list":
-        for run_id in store.runs():
+        run_ids = list(store.runs())
+        if not run_ids:
+            print(f"no runs in {store.root_url}")
+        for run_id in run_ids:
             manifest, recipe = load_run(store, run_id)
             print(
                 f"{run_id}  recipe={recipe.run.name}  rounds={recipe.run.rounds}  "

@@ -52,7 +52,7 @@ def start_run(
     `fork_from` (`RUN_ID:ROUND`), first copy that run's completed rounds below ROUND."""
     config = load_recipe(recipe_path(recipe), overrides)
     check_models(config)
-    run_id = check_run_id(run_id or default_run_id(config))
+    run_id = check_run_id(default_run_id(config) if run_id is None else run_id)
     artifact_store = open_store(store or DEFAULT_STORE)
     artifact_store.check_writable()
     if fork_from:

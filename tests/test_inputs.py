@@ -20,8 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def dice(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
-        cwd=cwd or ROOT, timeout=300,
+        [sys.executable, "-m", "flows.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd or ROOT,
+        timeout=300,
     )
 
 
@@ -45,10 +48,18 @@ def test_invalid_json_names_the_line(tmp_path):
 def test_wrong_type_and_blank_prompt(tmp_path):
     with pytest.raises(DataError, match=r"line 1: field `prompt` must be str, got int"):
         load_prompts(str(write_lines(tmp_path / "a.jsonl", ['{"prompt": 3}'])))
-    with pytest.raises(DataError, match=r"record 2: field `prompt` is empty"):
-        load_prompts(str(write_lines(tmp_path / "b.jsonl", ['{"prompt": "x"}', '{"prompt": " "}'])))
+    blank = write_lines(tmp_path / "b.jsonl", ['{"prompt": "x"}', "", '{"prompt": " "}'])
+    with pytest.raises(DataError, match=r"line 3: field `prompt` is empty"):
+        load_prompts(str(blank))
     with pytest.raises(DataError, match=r"line 1: missing field `rejected`"):
         load_pairs(str(write_lines(tmp_path / "c.jsonl", ['{"prompt": "x", "chosen": "y"}'])))
+
+
+def test_bytes_that_are_not_utf8(tmp_path):
+    bad = tmp_path / "p.jsonl"
+    bad.write_bytes(b'{"prompt": "a"}\n\xff\xfe{"prompt": "b"}\n')
+    with pytest.raises(DataError, match=r"line 2: not UTF-8 text"):
+        load_prompts(str(bad))
 
 
 def test_empty_prompt_set(tmp_path):
@@ -61,7 +72,9 @@ def test_empty_prompt_set(tmp_path):
 def test_k_below_two_and_gamma_bounds():
     with pytest.raises(RecipeError, match=r"generation\.samples_per_prompt: must be at least 2"):
         parse_recipe({"generation": {"samples_per_prompt": 1}})
-    with pytest.raises(RecipeError, match=r"replay\.gamma: gamma = 1 is not allowed: .*divides by zero"):
+    with pytest.raises(
+        RecipeError, match=r"replay\.gamma: gamma = 1 is not allowed: .*divides by zero"
+    ):
         parse_recipe({"replay": {"gamma": 1.0}})
     for gamma in (-0.1, 1.5):
         with pytest.raises(RecipeError, match=r"replay\.gamma: must be in \[0, 1\)"):
@@ -98,7 +111,9 @@ def test_store_not_writable(tmp_path):
         ArtifactStore(str(blocker / "store")).check_writable()
 
 
-@pytest.mark.parametrize("run_id", ["../escape", "", "/abs", "a/b", "ｒun", "a..b", "x" * 81])
+@pytest.mark.parametrize(
+    "run_id", ["../escape", "", "/abs", "a/b", "ｒun", "a..b", "x" * 81, "t1\n", "t1 "]
+)
 def test_run_ids_cannot_escape(run_id):
     from dice_core.store import check_run_id
 
@@ -116,8 +131,9 @@ def test_store_keys_cannot_escape(tmp_path):
 def test_cli_errors_are_one_line_and_write_nothing(tmp_path):
     bad = write_lines(tmp_path / "p.jsonl", ['{"prompt": "a"}', "{oops"])
     out = tmp_path / "samples.jsonl"
-    result = dice("generate", "--model", str(tmp_path / "nope"), "--prompts", str(bad),
-                  "--out", str(out))
+    result = dice(
+        "generate", "--model", str(tmp_path / "nope"), "--prompts", str(bad), "--out", str(out)
+    )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert "line 2: invalid JSON" in result.stderr and "Traceback" not in result.stderr
@@ -135,8 +151,14 @@ def test_cli_run_refuses_bad_recipe_before_any_work(tmp_path):
 
 
 def test_cli_run_refuses_missing_model_and_unwritable_store(tmp_path):
-    result = dice("run", "cpu-smollm2", "--set", f"models.sft={tmp_path}/missing",
-                  "--store", str(tmp_path / "s"))
+    result = dice(
+        "run",
+        "cpu-smollm2",
+        "--set",
+        f"models.sft={tmp_path}/missing",
+        "--store",
+        str(tmp_path / "s"),
+    )
     assert result.returncode == 2 and "does not exist" in result.stderr
     blocker = tmp_path / "f"
     blocker.write_text("")
@@ -146,14 +168,30 @@ def test_cli_run_refuses_missing_model_and_unwritable_store(tmp_path):
 
 def test_cli_pairs_on_files(tmp_path):
     rows = [
-        {"prompt": p, "sample_index": k, "response": f"answer number {k} " * (k + 1),
-         "finish_reason": "stop", "reward": float(k % 3)}
-        for p in ("a", "b") for k in range(4)
+        {
+            "prompt": p,
+            "sample_index": k,
+            "response": f"answer number {k} " * (k + 1),
+            "finish_reason": "stop",
+            "reward": float(k % 3),
+        }
+        for p in ("a", "b")
+        for k in range(4)
     ]
     rewards = write_lines(tmp_path / "r.jsonl", [json.dumps(r) for r in rows])
-    result = dice("pairs", "--rewards", str(rewards), "--out", str(tmp_path / "pairs.jsonl"),
-                  "--curve", str(tmp_path / "curve.json"), "--set", "pairs.min_valid_samples=4",
-                  "--set", "generation.samples_per_prompt=4")
+    result = dice(
+        "pairs",
+        "--rewards",
+        str(rewards),
+        "--out",
+        str(tmp_path / "pairs.jsonl"),
+        "--curve",
+        str(tmp_path / "curve.json"),
+        "--set",
+        "pairs.min_valid_samples=4",
+        "--set",
+        "generation.samples_per_prompt=4",
+    )
     assert result.returncode == 0, result.stderr
     pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     assert [p["prompt"] for p in pairs] == ["a", "b"]
