@@ -82,7 +82,8 @@ def test_pairs_come_from_scored_samples(tiny_run):
         assert chosen["response"] == pair["chosen"] and rejected["response"] == pair["rejected"]
         assert chosen["finish_reason"] == rejected["finish_reason"] == "stop"
         alpha = curve["alpha"]
-        assert pair["chosen_score"] == pytest.approx(chosen["reward"] - alpha * len(chosen["response"]))
+        expected = chosen["reward"] - alpha * len(chosen["response"])
+        assert pair["chosen_score"] == pytest.approx(expected)
         assert pair["chosen_score"] >= pair["rejected_score"]
         # The policy's log-probs become the training reference of on-policy pairs.
         assert pair["ref_chosen_logps"] == pytest.approx(chosen["policy_logp"])
