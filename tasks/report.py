@@ -112,20 +112,21 @@ def key_numbers(data: RoundData) -> dict[str, Any]:
 
 
 def pair_examples(data: RoundData, count: int = 3) -> list[dict[str, Any]]:
-    """The first pairs with their implicit rewards r and lengths in characters, texts cut
-    short enough for the table to fit a page."""
-    return [
-        {
-            "prompt": pair["prompt"][:40],
-            "chosen": pair["chosen"][:48],
-            "r(chosen)": pair["chosen_reward"],
-            "len(chosen)": pair["chosen_chars"],
-            "rejected": pair["rejected"][:48],
-            "r(rejected)": pair["rejected_reward"],
-            "len(rejected)": pair["rejected_chars"],
-        }
-        for pair in data.pairs[:count]
-    ]
+    """The first pairs, a row for the chosen and one for the rejected response, with their
+    implicit rewards and lengths in characters."""
+    rows = []
+    for pair in data.pairs[:count]:
+        for side in ("chosen", "rejected"):
+            rows.append(
+                {
+                    "prompt": pair["prompt"][:48] if side == "chosen" else "",
+                    "side": side,
+                    "response": pair[side][:64],
+                    "reward": pair[f"{side}_reward"],
+                    "chars": pair[f"{side}_chars"],
+                }
+            )
+    return rows
 
 
 def stage_files(store: ArtifactStore, run_id: str, round_: int) -> list[dict[str, Any]]:
