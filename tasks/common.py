@@ -232,10 +232,14 @@ def run_stage(
         round_: Round number (0 for the round that makes pi_0).
         name: Stage name, the folder under the round.
         body: Writes the stage's files under `ref.prefix` and returns the record's summary.
-        inputs: Names of the input artifacts (store keys or paths), kept for lineage.
+        inputs: The input artifacts by role (`store:` keys or paths), kept for lineage; a
+            `store:` input must belong to a completed stage or model folder.
 
     Returns:
         The completion record.
+
+    Raises:
+        StageError: A `store:` input whose stage has not completed.
     """
     store, ref, log = ctx.store, ctx.stage(round_, name), logger()
     if store.is_complete(ref):
