@@ -224,6 +224,13 @@ def test_score_annotations_of_the_baseline_against_itself_is_fifty(
     assert am.score_annotations(records, inputs=inputs)["length_controlled_winrate"] == 50.0
 
 
+def test_score_annotations_without_a_valid_preference_is_nan(inputs: am.OfflineInputs) -> None:
+    records = [{"output_1": "abc", "output_2": "ab", "preference": p} for p in (None, np.nan)]
+    scores = am.score_annotations(records, inputs=inputs)
+    assert math.isnan(scores["win_rate"]) and math.isnan(scores["length_controlled_winrate"])
+    assert scores["n_total"] == 0 and scores["avg_length"] == 2
+
+
 def test_score_annotations_rejects_bad_records(alpaca_7b: list[dict]) -> None:
     with pytest.raises(ValueError, match="at least one"):
         am.score_annotations([])
@@ -261,12 +268,12 @@ def test_missing_fitted_inputs_name_the_fix(tmp_path: Path) -> None:
 def test_fit_offline_inputs_reproduces_the_shipped_files(
     inputs: am.OfflineInputs, tmp_path: Path
 ) -> None:
-    """The full estimate (about a minute on 2 cores) gives the shipped CSVs back."""
+    """The full estimate (about 3 minutes on 2 cores) gives the shipped CSVs back."""
     am.save_offline_inputs(am.fit_offline_inputs(log=None), tmp_path)
     refit = am.load_offline_inputs(tmp_path)
     np.testing.assert_allclose(
-        refit.instruction_difficulty, inputs.instruction_difficulty, atol=1e-4
+        refit.instruction_difficulty, inputs.instruction_difficulty, atol=1e-3
     )
     np.testing.assert_allclose(
-        refit.gamed_judgements["preference"], inputs.gamed_judgements["preference"], atol=1e-4
+        refit.gamed_judgements["preference"], inputs.gamed_judgements["preference"], atol=1e-3
     )
