@@ -238,6 +238,8 @@ def test_score_annotations_rejects_bad_records(alpaca_7b: list[dict]) -> None:
         am.score_annotations([alpaca_7b[0], {"output_1": "x", "output_2": "y"}])
     with pytest.raises(ValueError, match="one generator_2"):
         am.score_annotations([alpaca_7b[0], {**alpaca_7b[1], "generator_2": "other"}])
+    with pytest.raises(ValueError, match="difficulty_by"):
+        am.score_annotations(alpaca_7b[:2], difficulty_by="id")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="not in the AlpacaEval set"):
         am.score_annotations([{**alpaca_7b[0], "instruction": "?"}], difficulty_by="instruction")
 
