@@ -804,9 +804,15 @@ class VllmEngine:
     def __init__(
         self, model_dir: str | Path, config: GenerationConfig, dtype: str = "float32"
     ) -> None:
+        from transformers import GenerationConfig as ModelGenerationConfig
         from vllm import LLM
 
         self.tokenizer = load_tokenizer(model_dir)
+        try:
+            defaults = ModelGenerationConfig.from_pretrained(str(model_dir))
+        except OSError:
+            defaults = None
+        self.eos = eos_ids(self.tokenizer, defaults)
         self.llm = LLM(
             model=str(model_dir),
             dtype=dtype,
@@ -853,7 +859,7 @@ class VllmEngine:
         for start in range(0, len(inputs), _VLLM_CHUNK):
             chunk = slice(start, start + _VLLM_CHUNK)
             outputs = self.llm.generate(inputs[chunk], params[chunk], use_tqdm=True)
-            results.extend(_vllm_completions(output, n) for output in outputs)
+            results.extend(_vllm_completions(output, n, self.eos) for output in outputs)
             if progress is not None:
                 progress(len(results) * n, len(inputs) * n)
         return results
@@ -891,15 +897,20 @@ def vllm_requests(
     return inputs, settings
 
 
-def _vllm_completions(output: Any, n: int) -> list[Completion]:
-    """A vLLM request output as `n` completions (one greedy output repeated)."""
+def _vllm_completions(output: Any, n: int, eos: frozenset[int]) -> list[Completion]:
+    """A vLLM request output as `n` completions (one greedy output repeated).
+
+    A sample whose last token is EOS is `stop` even when it also spent the budget, as in
+    the transformers engine. vLLM versions disagree on that case: some check the budget
+    first and report `length`, so the reason is decided here from the tokens.
+    """
     completions = []
     for sample in output.outputs:
         if sample.finish_reason not in ("stop", "length"):
             raise RuntimeError(f"vLLM ended a sample with finish reason {sample.finish_reason!r}")
-        completions.append(
-            Completion(sample.text.strip(), sample.finish_reason, len(sample.token_ids))
-        )
+        ids = list(sample.token_ids)
+        reason = "stop" if ids and ids[-1] in eos else sample.finish_reason
+        completions.append(Completion(sample.text.strip(), reason, len(ids)))
     return completions * (n // len(completions))
 
 
