@@ -1117,3 +1117,31 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def sample_rows(
+    prompts: Sequence[dict[str, str]], completions: Sequence[Sequence[Completion]]
+) -> list[dict[str, Any]]:
+    """The generation stage's rows, pass by pass: sample k of every prompt, then k + 1.
+
+    Args:
+        prompts: `{prompt_id, prompt}` records, in the order they were generated.
+        completions: For each prompt, its K completions in sample order.
+
+    Returns:
+        One row per sample: prompt_id, prompt, sample_index, response, finish_reason,
+        num_tokens.
+    """
+    passes = len(completions[0]) if completions else 0
+    return [
+        {
+            "prompt_id": p["prompt_id"],
+            "prompt": p["prompt"],
+            "sample_index": k,
+            "response": samples[k].text,
+            "finish_reason": samples[k].finish_reason,
+            "num_tokens": samples[k].num_tokens,
+        }
+        for k in range(passes)
+        for p, samples in zip(prompts, completions, strict=True)
+    ]

@@ -122,7 +122,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from dice_core.data import load_prompts
-    from dice_core.generation import make_engine
+    from dice_core.generation import make_engine, sample_rows
     from dice_core.models import resolve_model
 
     recipe = _recipe(args)
@@ -140,19 +140,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         top_p=config.top_p,
         seed=config.seed,
     )
-    rows = [
-        {
-            "prompt_id": p["prompt_id"],
-            "prompt": p["prompt"],
-            "sample_index": k,
-            "response": c.text,
-            "finish_reason": c.finish_reason,
-            "num_tokens": c.num_tokens,
-        }
-        for k in range(config.samples_per_prompt)
-        for p, samples in zip(prompts, completions, strict=True)
-        for c in [samples[k]]
-    ]
+    rows = sample_rows(prompts, completions)
     _write_jsonl(args.out, rows)
     print(f"wrote {len(rows)} samples to {args.out}")
 

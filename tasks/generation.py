@@ -6,7 +6,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from dice_core.data import draw_round_prompts, load_prompts
-from dice_core.generation import make_engine
+from dice_core.generation import make_engine, sample_rows
 from dice_core.models import load_tokenizer
 from dice_core.store import StageRef
 from dice_core.tokens import render_prompt
@@ -63,19 +63,7 @@ def generation_task(ctx: RunContext, round_: int, policy: str) -> dict:
             seed=config.seed + round_,
             progress=lambda d, t: progress(d, t),
         )
-        rows = [
-            {
-                "prompt_id": p["prompt_id"],
-                "prompt": p["prompt"],
-                "sample_index": k,
-                "response": c.text,
-                "finish_reason": c.finish_reason,
-                "num_tokens": c.num_tokens,
-            }
-            for k in range(config.samples_per_prompt)
-            for p, samples in zip(prompts, completions, strict=True)
-            for c in [samples[k]]
-        ]
+        rows = sample_rows(prompts, completions)
         ctx.store.write_jsonl(f"{ref.prefix}/prompts.jsonl", prompts)
         ctx.store.write_jsonl(f"{ref.prefix}/samples.jsonl", rows)
         summary = _summary(rows, len(prompts), engine.name)
