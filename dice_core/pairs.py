@@ -12,6 +12,7 @@ rejected = the earliest tied minimum.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -158,7 +159,13 @@ def search_alpha(prompts: list[PromptSamples], config: PairsConfig) -> AlphaSear
     Returns:
         The first alpha with the smallest |gap|, its gap and every visited point.
     """
-    rewards, lengths, valid = sample_matrix(prompts)
+    return scan_alpha(*sample_matrix(prompts), config)
+
+
+def scan_alpha(
+    rewards: np.ndarray, lengths: np.ndarray, valid: np.ndarray, config: PairsConfig
+) -> AlphaSearch:
+    """`search_alpha` on prompt x sample matrices (as `sample_matrix` builds them)."""
     curve: list[tuple[float, float]] = []
     best = np.inf
     for alpha in np.arange(0.0, config.alpha_max, config.alpha_step):
@@ -231,3 +238,123 @@ def _pair(p: PromptSamples, c: int, r: int, scores: np.ndarray) -> dict[str, Any
         pair["ref_chosen_logps"] = float(best["policy_logp"])
         pair["ref_rejected_logps"] = float(worst["policy_logp"])
     return pair
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark
+
+
+def synthetic_scores(
+    prompts: int, samples: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeded rewards, lengths and validity shaped like a round's scored samples.
+
+    Lengths are whole characters (20 to 1,999). Rewards grow with length (0.01 a character,
+    as implicit rewards tend to) plus noise, rounded to 0.1 so that ties occur. One prompt in
+    ten lost a few samples to the filters: its last cells are invalid (zero, as in
+    `sample_matrix`).
+
+    Returns:
+        Rewards, lengths and validity, prompts x samples.
+    """
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(20, 2000, size=(prompts, samples)).astype(np.float64)
+    rewards = np.round(0.01 * lengths + rng.normal(0.0, 3.0, size=lengths.shape), 1)
+    lost = np.where(rng.random(prompts) < 0.1, rng.integers(1, samples // 4 + 1, prompts), 0)
+    valid = np.arange(samples)[None, :] < (samples - lost)[:, None]
+    rewards[~valid], lengths[~valid] = 0.0, 0.0
+    return rewards, lengths, valid
+
+
+def grid_loop_search(
+    samples: list[list[tuple[float, float]]], config: PairsConfig
+) -> tuple[AlphaSearch, list[int], list[int]]:
+    """The straightforward alpha search: at each grid point, a Python stable sort of every
+    prompt's (reward, length) samples by r - alpha * len, with the same early stop.
+
+    Returns:
+        The search, and the chosen and rejected sample of every prompt at alpha*.
+    """
+    curve: list[tuple[float, float]] = []
+    best = float("inf")
+    for alpha in np.arange(0.0, config.alpha_max, config.alpha_step):
+        picks = [_grid_pick(row, float(alpha)) for row in samples]
+        diffs = [row[c][1] - row[r][1] for row, (c, r) in zip(samples, picks, strict=True)]
+        gap = float(np.mean(diffs))
+        curve.append((float(alpha), gap))
+        if abs(gap) > best:
+            break
+        best = min(best, abs(gap))
+    index = min(range(len(curve)), key=lambda i: abs(curve[i][1]))
+    alpha, gap = curve[index]
+    picks = [_grid_pick(row, alpha) for row in samples]
+    search = AlphaSearch(alpha=alpha, gap=gap, curve=curve)
+    return search, [c for c, _ in picks], [r for _, r in picks]
+
+
+def _grid_pick(row: list[tuple[float, float]], alpha: float) -> tuple[int, int]:
+    """(chosen, rejected): the latest tied maximum and the earliest tied minimum of r'."""
+    order = sorted(range(len(row)), key=lambda k: row[k][0] - alpha * row[k][1])
+    return order[-1], order[0]
+
+
+def benchmark_alpha_search(
+    prompts: int, samples: int, seed: int, config: PairsConfig
+) -> dict[str, float | int | bool]:
+    """Time the vectorised alpha search and pair choice against `grid_loop_search`, on the
+    same seeded synthetic scores, and check that both give the same result.
+
+    Neither timing includes laying the scores out (matrices for one, Python lists for the
+    other).
+
+    Args:
+        prompts: Prompts of the synthetic round.
+        samples: Samples per prompt.
+        seed: Seed of `synthetic_scores`.
+        config: Grid step, end.
+
+    Returns:
+        Seconds of each, their ratio, the grid points visited, alpha*, and whether alpha*,
+        the curve, and the chosen and rejected samples are identical.
+    """
+    rewards, lengths, valid = synthetic_scores(prompts, samples, seed)
+    rows = [
+        [(float(r), float(n)) for r, n, ok in zip(*cells, strict=True) if ok]
+        for cells in zip(rewards, lengths, valid, strict=True)
+    ]
+    started = time.perf_counter()
+    search = scan_alpha(rewards, lengths, valid, config)
+    chosen, rejected, _ = select_pairs(rewards, lengths, valid, search.alpha)
+    vectorised = time.perf_counter() - started
+    started = time.perf_counter()
+    loop, loop_chosen, loop_rejected = grid_loop_search(rows, config)
+    looped = time.perf_counter() - started
+    return {
+        "prompts": prompts,
+        "samples": samples,
+        "grid_points": len(search.curve),
+        "alpha": search.alpha,
+        "gap": search.gap,
+        "vectorised_seconds": vectorised,
+        "loop_seconds": looped,
+        "ratio_loop_over_vectorised": looped / vectorised,
+        **same_search(search, chosen, rejected, loop, loop_chosen, loop_rejected),
+    }
+
+
+def same_search(
+    search: AlphaSearch,
+    chosen: np.ndarray,
+    rejected: np.ndarray,
+    other: AlphaSearch,
+    other_chosen: list[int],
+    other_rejected: list[int],
+) -> dict[str, bool]:
+    """Whether two alpha searches agree exactly: alpha*, the visited curve, and the chosen
+    and rejected sample of every prompt."""
+    return {
+        "identical_alpha": search.alpha == other.alpha and search.gap == other.gap,
+        "identical_curve": search.curve == other.curve,
+        "identical_pairs": chosen.tolist() == list(other_chosen)
+        and rejected.tolist() == list(other_rejected),
+    }
