@@ -199,3 +199,79 @@ def stage_states(store: ArtifactStore, run_id: str, rounds: int) -> list[dict[st
                 row[stage] = "pending"
         rows.append(row)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Round records: the wall time of a round's flow, and how much of it no stage body accounts for
+
+ROUND_RECORD = "round.json"
+
+
+def round_record_key(run_id: str, round_: int) -> str:
+    """Where a round's flow records its wall time (written when the round returns)."""
+    return f"runs/{check_run_id(run_id)}/round-{round_}/{ROUND_RECORD}"
+
+
+def round_overhead(round_record: dict[str, Any], stage_records: dict[str, dict]) -> dict[str, Any]:
+    """A round's wall time against the stage bodies that ran in it.
+
+    A stage counts when its record's start and finish fall within the round's (stage times
+    are kept to the second, so the round's start is rounded down to its second); a stage
+    finished by an earlier attempt and skipped by this one does not.
+
+    Args:
+        round_record: The round's record (`started_at`, `finished_at`, `seconds`).
+        stage_records: Completion records by stage name (`started_at`, `finished_at`,
+            `seconds`).
+
+    Returns:
+        `round`, `flow_seconds`, `stage_seconds` (the bodies that ran), `overhead_seconds`
+        (the rest), `overhead_share` of the flow's time, and the stages run and skipped.
+    """
+    start = datetime.fromisoformat(round_record["started_at"]).replace(microsecond=0)
+    end = datetime.fromisoformat(round_record["finished_at"])
+    ran, skipped = [], []
+    for name, record in stage_records.items():
+        inside = (
+            start <= datetime.fromisoformat(record["started_at"])
+            and datetime.fromisoformat(record["finished_at"]) <= end
+        )
+        (ran if inside else skipped).append(name)
+    flow = float(round_record["seconds"])
+    stages = sum(float(stage_records[name]["seconds"]) for name in ran)
+    return {
+        "round": round_record["round"],
+        "flow_seconds": flow,
+        "stage_seconds": stages,
+        "overhead_seconds": flow - stages,
+        "overhead_share": (flow - stages) / flow if flow > 0 else float("nan"),
+        "stages_run": ran,
+        "stages_skipped": skipped,
+    }
+
+
+def run_overheads(store: ArtifactStore, run_id: str) -> list[dict[str, Any]]:
+    """`round_overhead` of every round of a run that has a round record, round 0 first.
+
+    Raises:
+        RecipeError: No such run in this store.
+    """
+    _, recipe = load_run(store, run_id)
+    rows = []
+    for round_ in range(recipe.run.rounds + 1):
+        key = round_record_key(run_id, round_)
+        if not store.exists(key):
+            continue
+        records = completed_stage_records(store, run_id, round_)
+        rows.append(round_overhead(store.read_json(key), records))
+    return rows
+
+
+def completed_stage_records(store: ArtifactStore, run_id: str, round_: int) -> dict[str, dict]:
+    """The completion records of a round's completed stages, by stage, in stage order."""
+    records = {}
+    for stage in stages_of(round_):
+        ref = StageRef(run_id, round_, stage)
+        if store.is_complete(ref):
+            records[stage] = store.stage_record(ref)
+    return records

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
@@ -11,7 +12,15 @@ from pydantic import Field
 
 from dice_core.config import Recipe, load_recipe
 from dice_core.errors import RecipeError
-from dice_core.manifest import fork_run, load_run, open_run, parse_fork
+from dice_core.manifest import (
+    completed_stage_records,
+    fork_run,
+    load_run,
+    open_run,
+    parse_fork,
+    round_overhead,
+    round_record_key,
+)
 from dice_core.models import GGUF_PACKAGE, gguf_path, resolve_model
 from dice_core.store import check_run_id
 from tasks.common import CACHE_DIR, RunContext, code_version, logger, open_store
@@ -129,3 +138,33 @@ def policy_model(ctx: RunContext, round_: int) -> str:
 def reference_model(ctx: RunContext, round_: int, sft: str) -> str:
     """ref_{t-1} for round t: the SFT model in round 1, pi_{t-2} afterwards."""
     return sft if round_ == 1 else policy_model(ctx, round_ - 2)
+
+
+def round_clock() -> tuple[datetime, float]:
+    """The start of a round's flow, for `write_round_record`: UTC time and a monotonic reading."""
+    return datetime.now(UTC), time.monotonic()
+
+
+def write_round_record(ctx: RunContext, round_: int, started: tuple[datetime, float]) -> None:
+    """Record the wall time of a round's flow, from `round_clock` to now, in the store.
+
+    A flow that found every stage of the round complete (a resumed run passing through)
+    keeps the record of the flow that ran them.
+    """
+    from prefect.runtime import flow_run
+
+    started_at, start = started
+    record = {
+        "run_id": ctx.run_id,
+        "round": round_,
+        "flow_run_id": str(flow_run.id) if flow_run.id else None,
+        "started_at": started_at.isoformat(timespec="milliseconds"),
+        "finished_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "seconds": round(time.monotonic() - start, 3),
+    }
+    store, key = ctx.store, round_record_key(ctx.run_id, round_)
+    if store.exists(key):
+        stages = completed_stage_records(store, ctx.run_id, round_)
+        if not round_overhead(record, stages)["stages_run"]:
+            return
+    store.write_json(key, record)

@@ -11,7 +11,15 @@ import sys
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.common import name_flow_run, next_round, policy_model, reference_model, reopen_run
+from flows.common import (
+    name_flow_run,
+    next_round,
+    policy_model,
+    reference_model,
+    reopen_run,
+    round_clock,
+    write_round_record,
+)
 from tasks.common import RunContext
 from tasks.evaluation import evaluation_task
 from tasks.generation import generation_task
@@ -72,13 +80,16 @@ def dice_round(
     Returns:
         The round's summary row: pairs, alpha, DPO loss, WR, LC.
     """
+    started = round_clock()
     if round is not None and round < 1:
         raise ValueError(f"round must be 1 or more (got {round}); round 0 belongs to dice-run")
     ctx = reopen_run(run_id, store)
     if round is None:
         round = next_round(ctx)  # noqa: A001
         name_flow_run(ROUND_NAME.format(run_id=run_id, round=round))
-    return run_round(ctx, round, prepare_sft_task(ctx))
+    row = run_round(ctx, round, prepare_sft_task(ctx))
+    write_round_record(ctx, round, started)
+    return row
 
 
 if __name__ == "__main__":

@@ -13,7 +13,14 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows.common import RecipeChoice, name_flow_run, policy_model, start_run
+from flows.common import (
+    RecipeChoice,
+    name_flow_run,
+    policy_model,
+    round_clock,
+    start_run,
+    write_round_record,
+)
 from flows.dice_round import dice_round
 from tasks.common import RunContext, artifact_key, logger, markdown_table
 from tasks.evaluation import evaluation_task
@@ -97,7 +104,9 @@ def dice_run(
         ctx.recipe.run.rounds,
     )
     sft = prepare_sft_task(ctx)
+    started = round_clock()
     rows = [run_round_zero(ctx, sft)]
+    write_round_record(ctx, 0, started)
     for round_ in range(1, ctx.recipe.run.rounds + 1):
         rows.append(dice_round(ctx.run_id, round_, ctx.store_root))
     table = summary_table(rows)
