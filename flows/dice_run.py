@@ -109,12 +109,12 @@ def dice_run(
     write_round_record(ctx, 0, started)
     for round_ in range(1, ctx.recipe.run.rounds + 1):
         rows.append(dice_round(ctx.run_id, round_, ctx.store_root))
-    table = summary_table(rows)
     ctx.store.write_json(f"runs/{ctx.run_id}/summary.json", rows)
     create_markdown_artifact(
         f"# DICE run {ctx.run_id}\n\n" + markdown_table(rows),
         key=artifact_key(ctx, ctx.recipe.run.rounds, "summary"),
         description="per-round summary",
     )
-    log.info("run %s | done\n%s", ctx.run_id, table)
+    # The table is the run's summary artifact; `dice run` prints it once, at the end.
+    log.info("run %s | done | summary: runs/%s/summary.json", ctx.run_id, ctx.run_id)
     return rows

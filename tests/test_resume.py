@@ -6,10 +6,11 @@ each per session). One run, forked from the reference before round 1, is killed 
 with the same run id; the S3 server is paused while the last resumption runs. Then its pairs,
 training set and scores must equal the reference's, and no finished stage may have run twice.
 
-Long stages are killed a few seconds after their start line appears in the log. Pairs and
-replay take a fraction of a second, so the run is stopped inside them by a TCP proxy in front
-of the S3 server that holds the stage's next write: pairs after `pairs.jsonl` is stored,
-replay after `train.jsonl` is stored and before its completion record.
+Long stages are killed a few seconds after their start line appears in the log, or earlier,
+when a fast machine reaches their completion record first: a TCP proxy in front of the S3
+server holds that write unanswered and the run is killed there. Pairs and replay take a
+fraction of a second, so they are always stopped by the proxy at their next write: pairs
+after `pairs.jsonl` is stored, replay after `train.jsonl` and before its completion record.
 """
 
 from __future__ import annotations
@@ -258,13 +259,20 @@ def test_kill_in_each_stage_then_resume(
     base = ["run", "tiny", "--run-id", CHAIN_ID, "--store", STORE, "--store-block", BLOCK]
     base += cheap_args()
     prefix = f"/{BUCKET}/store/runs/{CHAIN_ID}/round-1"
+
+    def long_stage(stage: str) -> dict:
+        # Killed 3 s after it starts, or, on a machine fast enough to finish it sooner, while
+        # its completion record is held at the gate: either way before the record exists.
+        hold = f"PUT {prefix}/{stage}/{COMPLETE} "
+        return {"kill_on": f"{stage} round 1 | started", "delay": 3.0, "hold": hold}
+
     plan = [
-        ("generation", {"kill_on": "generation round 1 | started", "delay": 3.0}),
-        ("rewards", {"kill_on": "rewards round 1 | started", "delay": 3.0}),
+        ("generation", long_stage("generation")),
+        ("rewards", long_stage("rewards")),
         ("pairs", {"hold": f"PUT {prefix}/pairs/alpha_curve.json "}),
         ("replay", {"hold": f"PUT {prefix}/replay/{COMPLETE} "}),
-        ("training", {"kill_on": "training round 1 | started", "delay": 3.0}),
-        ("evaluation", {"kill_on": "evaluation round 1 | started", "delay": 3.0}),
+        ("training", long_stage("training")),
+        ("evaluation", long_stage("evaluation")),
     ]
     attempts: list[tuple[str, Attempt]] = []
     finished: dict[str, str] = {}
