@@ -40,6 +40,9 @@ from dice_core.errors import StoreError
 COMPLETE = "_COMPLETE.json"
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}")
 _CHUNK = 8 * 1024 * 1024
+# Read once, at import: os.umask can only be read by setting it, which is not thread-safe.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 _DIGEST_META = "sha256"
 _SECRET_OPTIONS = ("secret", "token", "aws_secret_access_key", "aws_session_token")
 _UNREACHABLE = {
@@ -507,6 +510,9 @@ def _write_local(target: str, source: io.RawIOBase | io.BufferedIOBase) -> None:
     try:
         with os.fdopen(handle, "wb") as sink:
             shutil.copyfileobj(source, sink, _CHUNK)
+        # mkstemp makes the file private (0600); a store is shared, so give it the mode a
+        # plain open() would have given it under the process's umask.
+        os.chmod(temp, 0o666 & ~_UMASK)
         os.replace(temp, target)
     except BaseException:
         Path(temp).unlink(missing_ok=True)

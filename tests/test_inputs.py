@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -126,6 +127,14 @@ def test_store_keys_cannot_escape(tmp_path):
     for key in ("../x", "a/../../b", "a/./b", "ａ/b"):
         with pytest.raises(StoreError):
             store.path(key)
+
+
+def test_stored_files_have_the_mode_of_the_umask(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    store.write_text("runs/r/a.txt", "x")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (tmp_path / "runs/r/a.txt").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_cli_errors_are_one_line_and_write_nothing(tmp_path):
