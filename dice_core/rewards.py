@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -250,3 +251,168 @@ def pair_accuracy(
         "ties": sum(m == 0 for m in margins),
         "mean_margin": float(np.mean(margins)),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark
+
+# Sums of the two scorers agree within |a - b| <= atol + rtol * |b| (fp32 log-probs, summed
+# in another order over a few hundred tokens).
+SUMS_RTOL, SUMS_ATOL = 1e-5, 2e-4
+_SCORERS = ("batched", "one_per_forward")
+
+
+@torch.inference_mode()
+def one_per_forward_logprobs(model, items: list[EncodedResponse]) -> np.ndarray:
+    """The plain scorer: one sequence per forward, the model's logits at every position and
+    the full fp32 log-softmax over the vocabulary, summed over the response tokens."""
+    sums = np.zeros(len(items), dtype=np.float64)
+    for n, item in enumerate(items):
+        ids = torch.tensor([item.prompt_ids + item.response_ids])
+        logps = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)[0]
+        first = len(item.prompt_ids) - 1
+        positions = torch.arange(first, first + len(item.response_ids))
+        sums[n] = logps[positions, torch.tensor(item.response_ids)].double().sum().item()
+    return sums
+
+
+def benchmark_scoring(
+    model_dir: str | Path, rows: list[dict[str, Any]], config: RewardsConfig, stretch: int = 2
+) -> dict[str, Any]:
+    """Time the batched, chunked-vocabulary scorer against `one_per_forward_logprobs` on the
+    same `{prompt, response}` rows, and measure the peak memory of each.
+
+    Each measurement runs in a fresh process (spawned), which loads the model, scores one
+    sequence to warm up, resets the kernel's peak-RSS mark (`/proc/self/clear_refs`), scores
+    every row, and reads the peak (VmHWM) back: the peak is what scoring added above the
+    loaded model. Both scorers run again on the rows with every response repeated `stretch`
+    times, to show which peak grows with length. A script that calls this needs a main guard
+    (`if __name__ == "__main__":`): the spawned processes import it.
+
+    Args:
+        model_dir: Model folder.
+        rows: Real samples to score.
+        config: Batch token budget and vocabulary chunk of the batched scorer.
+        stretch: How many times each response is repeated in the second measurement.
+
+    Returns:
+        Per scorer and length (`batched`, `one_per_forward`; `x1`, `xN`): seconds,
+        samples/s, real tokens/s and peak MB; real and padded tokens; the largest logits
+        block each scorer holds by construction (MB); the largest difference between the
+        two scorers' sums and whether it is within SUMS_RTOL / SUMS_ATOL.
+    """
+    longer = [{**r, "response": "\n\n".join([r["response"]] * stretch)} for r in rows]
+    runs = {}
+    for length, data in (("x1", rows), (f"x{stretch}", longer)):
+        for scorer in _SCORERS:
+            runs[scorer, length] = _in_fresh_process(
+                _measure_scoring, str(model_dir), data, scorer, config.model_dump()
+            )
+    result: dict[str, Any] = {"samples": len(rows), "stretch": stretch}
+    for (scorer, length), run in runs.items():
+        result[f"{scorer}_{length}_seconds"] = run["seconds"]
+        result[f"{scorer}_{length}_samples_per_s"] = len(rows) / run["seconds"]
+        result[f"{scorer}_{length}_tokens_per_s"] = run["tokens"] / run["seconds"]
+        result[f"{scorer}_{length}_peak_mb"] = run["peak_mb"]
+        result[f"{scorer}_{length}_logits_mb"] = run["logits_mb"]
+        result[f"real_tokens_{length}"] = run["tokens"]
+        if scorer == "batched":
+            result[f"padded_tokens_{length}"] = run["padded_tokens"]
+    batched, plain = runs["batched", "x1"], runs["one_per_forward", "x1"]
+    result.update(compare_sums(batched["sums"], plain["sums"]))
+    result["speedup_batched_over_one_per_forward"] = plain["seconds"] / batched["seconds"]
+    return result
+
+
+def compare_sums(fast: Sequence[float], slow: Sequence[float]) -> dict[str, float | bool]:
+    """Largest absolute and relative differences of two scorers' sums, and whether every sum
+    agrees within SUMS_RTOL and SUMS_ATOL."""
+    a, b = np.asarray(fast, dtype=np.float64), np.asarray(slow, dtype=np.float64)
+    diff = np.abs(a - b)
+    return {
+        "max_abs_diff": float(diff.max()),
+        "max_rel_diff": float((diff / np.maximum(np.abs(b), 1e-12)).max()),
+        "sums_match": bool(np.all(diff <= SUMS_ATOL + SUMS_RTOL * np.abs(b))),
+    }
+
+
+def _in_fresh_process(func: Callable[..., Any], *args: Any) -> Any:
+    """Call `func(*args)` in a new spawned process and return its result."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(func, *args).result()
+
+
+def _measure_scoring(
+    model_dir: str, rows: list[dict[str, Any]], scorer: str, config: dict[str, int]
+) -> dict[str, Any]:
+    """One measurement of `benchmark_scoring`, run in its own process."""
+    import gc
+
+    settings = RewardsConfig(**config)
+    tokenizer, model = load_tokenizer(model_dir), load_causal_lm(model_dir)
+    items = encode_rows(tokenizer, rows)
+    lengths = [len(i.prompt_ids) + len(i.response_ids) for i in items]
+    batches = length_batches(lengths, settings.batch_tokens)
+    vocab = model.get_output_embeddings().weight.shape[0]
+
+    def score(part: list[EncodedResponse]) -> np.ndarray:
+        if scorer == "batched":
+            return sequence_logprobs(model, part, tokenizer.pad_token_id, settings)
+        return one_per_forward_logprobs(model, part)
+
+    if scorer == "batched":
+        held = max(min(sum(len(items[i].response_ids) for i in b), _TOKEN_CHUNK) for b in batches)
+        logits_mb = held * min(settings.vocab_chunk, vocab) * 4 / 2**20
+    else:
+        # Logits and their log-softmax, both sequence x vocabulary in fp32.
+        logits_mb = 2 * max(lengths) * vocab * 4 / 2**20
+    score(items[:1])
+    gc.collect()
+    baseline = _reset_peak_rss_kb()
+    started = time.perf_counter()
+    sums = score(items)
+    seconds = time.perf_counter() - started
+    return {
+        "sums": sums.tolist(),
+        "seconds": seconds,
+        "peak_mb": (_status_kb("VmHWM") - baseline) / 1024,
+        "tokens": sum(lengths),
+        "padded_tokens": sum(len(b) * lengths[b[0]] for b in batches),
+        "logits_mb": logits_mb,
+    }
+
+
+def _reset_peak_rss_kb() -> int:
+    """Reset this process's peak-RSS mark to its current RSS (Linux) and return that, in kB.
+
+    Free heap memory is handed back to the kernel first (glibc's `malloc_trim`), so that
+    memory freed by the warm-up and reused later does not hide from the peak.
+
+    Raises:
+        RuntimeError: The kernel offers no way to reset it (not Linux, or /proc read-only).
+    """
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as error:
+        raise RuntimeError(f"cannot reset the peak RSS in /proc/self/clear_refs: {error}") from None
+    return _status_kb("VmRSS")
+
+
+def _status_kb(field: str) -> int:
+    """A memory field of /proc/self/status, in kB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
