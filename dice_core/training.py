@@ -1075,23 +1075,7 @@ def benchmark_reference_reuse(
     Returns:
         Wall seconds of each run, mean seconds per step, and their ratio.
     """
-    from dice_core.config import RewardsConfig
-    from dice_core.rewards import score_samples
-
-    rows = [
-        {"prompt": p["prompt"], "response": p[side]}
-        for p in pairs
-        for side in ("chosen", "rejected")
-    ]
-    logps = score_samples(str(policy_dir), str(policy_dir), rows, RewardsConfig())
-    supplied = [
-        {
-            **p,
-            "ref_chosen_logps": logps[2 * i]["policy_logp"],
-            "ref_rejected_logps": logps[2 * i + 1]["policy_logp"],
-        }
-        for i, p in enumerate(pairs)
-    ]
+    supplied = _with_reference_logps(policy_dir, pairs)
     timings = {}
     for name, data in (("computed", pairs), ("supplied", supplied)):
         started = time.monotonic()
@@ -1103,3 +1087,169 @@ def benchmark_reference_reuse(
         timings["computed_seconds"] / timings["supplied_seconds"]
     )
     return timings
+
+
+def _with_reference_logps(policy_dir: Path, pairs: list[dict]) -> list[dict]:
+    """The pairs with the policy's own log-prob sums as reference, from the rewards scorer."""
+    from dice_core.config import RewardsConfig
+    from dice_core.rewards import score_samples
+
+    rows = [
+        {"prompt": p["prompt"], "response": p[side]}
+        for p in pairs
+        for side in ("chosen", "rejected")
+    ]
+    logps = score_samples(str(policy_dir), str(policy_dir), rows, RewardsConfig())
+    return [
+        {
+            **p,
+            "ref_chosen_logps": logps[2 * i]["policy_logp"],
+            "ref_rejected_logps": logps[2 * i + 1]["policy_logp"],
+        }
+        for i, p in enumerate(pairs)
+    ]
+
+
+# The DPOConfig fields whose TRL defaults `benchmark_against_trl` reports.
+TRL_DEFAULT_FIELDS = (
+    "bf16",
+    "activation_checkpointing",
+    "padding_free",
+    "pad_to_multiple_of",
+    "precompute_ref_log_probs",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "max_length",
+    "truncation_mode",
+    "loss_type",
+    "beta",
+    "disable_dropout",
+    "logging_steps",
+    "seed",
+)
+# Settings of ours that do not change the speed, set as TRL's defaults so that the two loss
+# curves can be compared: TRL decays the learning rate linearly to zero over the steps.
+_TRL_SCHEDULE = {
+    "lr_scheduler": "linear",
+    "warmup_steps": 0,
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "seed": 42,
+}
+
+
+def trl_defaults(scratch: Path) -> dict[str, Any]:
+    """The installed TRL's DPOConfig defaults, as resolved on this machine.
+
+    Without an accelerator only `use_cpu=True` is added: TRL's default bf16 refuses to
+    build a config on CPU otherwise.
+    """
+    import trl
+    from trl import DPOConfig
+
+    args = DPOConfig(output_dir=str(scratch), use_cpu=not has_accelerator())
+    found = {name: getattr(args, name) for name in TRL_DEFAULT_FIELDS}
+    return {"trl_version": trl.__version__, "use_cpu": args.use_cpu, **found}
+
+
+def benchmark_against_trl(
+    policy_dir: Path, pairs: list[dict], config: TrainingConfig, scratch: Path
+) -> dict[str, Any]:
+    """Train the same pairs for the same steps with our training path and with TRL's
+    DPOTrainer under its DPOConfig defaults, and compare tokens/s and losses.
+
+    Ours: supplied reference log-probs (computed first, untimed, by the rewards scorer, as
+    the rewards stage hands them over), fp32, the recipe's checkpointing. TRL: its defaults
+    (bf16 autocast, activation checkpointing, a reference model run every step), with only
+    the output folder, steps, batch, learning rate and cutoff set as ours, plus `use_cpu`
+    without an accelerator and `logging_steps=1` to log each step's loss. Our learning-rate
+    schedule, warmup, weight decay, clipping and seed are set to TRL's defaults. Both count
+    real (unpadded) tokens the same way (TRL's `num_tokens`) and time the optimiser steps
+    alone. With as many pairs as a step's global batch, every step of both sees every pair.
+
+    Args:
+        policy_dir: The start policy, which is also the reference.
+        pairs: `{prompt, chosen, rejected}` rows.
+        config: Our DPO settings (steps, batch, learning rate, cutoff, checkpointing).
+        scratch: A folder for both runs' outputs.
+
+    Returns:
+        Seconds, tokens and tokens/s of each, their ratio, the two loss curves and their
+        largest difference, and TRL's defaults (`trl_defaults`).
+    """
+    config = effective_config(config).model_copy(update=_TRL_SCHEDULE)
+    supplied = _with_reference_logps(policy_dir, pairs)
+    ours = train_dpo(policy_dir, supplied, config, scratch / "ours", label="bench-ours")
+    theirs = _train_with_trl_defaults(policy_dir, pairs, config, scratch / "trl")
+    result: dict[str, Any] = {"pairs": len(pairs), "global_batch": ours.global_batch}
+    for name, metrics in (("ours", ours.metrics), ("trl", theirs)):
+        seconds = sum(m["seconds"] for m in metrics)
+        tokens = sum(m["tokens"] for m in metrics)
+        result.update(
+            {
+                f"{name}_steps": len(metrics),
+                f"{name}_seconds": seconds,
+                f"{name}_tokens": tokens,
+                f"{name}_tokens_per_s": tokens / seconds,
+                f"{name}_losses": [m["loss"] for m in metrics],
+            }
+        )
+    result["ratio_ours_over_trl"] = result["ours_tokens_per_s"] / result["trl_tokens_per_s"]
+    steps = zip(result["ours_losses"], result["trl_losses"], strict=True)
+    result["max_loss_diff"] = max(abs(a - b) for a, b in steps)
+    result["trl_defaults"] = trl_defaults(scratch / "defaults")
+    return result
+
+
+def _train_with_trl_defaults(
+    policy_dir: Path, pairs: list[dict], config: TrainingConfig, scratch: Path
+) -> list[dict]:
+    """TRL's DPOTrainer under DPOConfig defaults on the chat-rendered pairs; each step's
+    metrics as `_StepLog` records them. Nothing is saved and no telemetry is sent."""
+    from datasets import Dataset
+    from transformers import PrinterCallback, ProgressCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from dice_core.models import load_tokenizer
+    from dice_core.tokens import render_prompt
+
+    tokenizer = load_tokenizer(policy_dir)
+    rows = [
+        {
+            "prompt": render_prompt(tokenizer, p["prompt"]),
+            **{k: p[k] for k in ("chosen", "rejected")},
+        }
+        for p in pairs
+    ]
+    args = DPOConfig(
+        output_dir=str(scratch),
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.per_device_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        max_length=config.max_length,
+        use_cpu=not has_accelerator(),
+        logging_steps=1,
+    )
+    metrics: list[dict] = []
+    callback = _step_callback(config.max_steps, "bench-trl", None, metrics)
+    trainer_class = type("QuietDPOTrainer", (DPOTrainer,), {"_send_telemetry": _no_telemetry})
+    with _quiet_progress_bars():
+        trainer = trainer_class(
+            model=str(policy_dir),
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            callbacks=[callback],
+        )
+    for printer in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(printer)
+    trainer.train()
+    return metrics
+
+
+def _no_telemetry(self) -> None:
+    return None
