@@ -64,21 +64,32 @@ def answer_instructions(
     ]
 
 
-def align_outputs(outputs: list[dict[str, Any]], subset: list[dict[str, Any]]) -> None:
-    """Check that an outputs file answers the evaluated instructions, in order.
+def align_outputs(
+    outputs: list[dict[str, Any]], subset: list[dict[str, Any]], source: str = "outputs"
+) -> list[dict[str, Any]]:
+    """The records of an outputs file that answer the evaluated instructions, in their order.
+
+    Records are matched by instruction (whitespace at the ends ignored), as alpaca_eval
+    matches them, so a file in another order, or with more instructions, is fine; an
+    instruction asked twice takes the file's records for it in turn.
 
     Raises:
-        DataError: Fewer records than instructions, or a record for another instruction.
+        DataError: An evaluated instruction has no record in the file.
     """
-    if len(outputs) < len(subset):
-        raise DataError(f"outputs hold {len(outputs)} records, the evaluation needs {len(subset)}")
-    for item, record in zip(subset, outputs, strict=False):
-        if record["instruction"].strip() != item["instruction"].strip():
+    by_instruction: dict[str, list[dict[str, Any]]] = {}
+    for record in outputs:
+        by_instruction.setdefault(record["instruction"].strip(), []).append(record)
+    aligned = []
+    for item in subset:
+        records = by_instruction.get(item["instruction"].strip())
+        if not records:
             raise DataError(
-                f"outputs record {item['position']}: instruction "
-                f"{record['instruction'][:60]!r} does not match AlpacaEval instruction "
-                f"{item['position']} ({item['instruction'][:60]!r})"
+                f"{source}: no record answers AlpacaEval instruction {item['position']} "
+                f"({item['instruction'][:60]!r}); the evaluation needs the first "
+                f"{len(subset)} instructions"
             )
+        aligned.append(records.pop(0))
+    return aligned
 
 
 def judge_and_score(
@@ -93,8 +104,7 @@ def judge_and_score(
     Returns:
         The annotations (alpaca_eval format) and the scores.
     """
-    align_outputs(outputs, subset)
-    outputs = outputs[: len(subset)]
+    outputs = align_outputs(outputs, subset)
     judge = make_judge(config.judge, sft_model_dir, cache_dir)
     generator = outputs[0].get("generator", "model")
     annotations = annotate(

@@ -17,7 +17,12 @@ from prefect.cache_policies import NO_CACHE
 from dice_core.config import load_recipe
 from dice_core.data import load_model_outputs
 from dice_core.errors import DataError
-from dice_core.evaluation import answer_instructions, instruction_subset, judge_and_score
+from dice_core.evaluation import (
+    align_outputs,
+    answer_instructions,
+    instruction_subset,
+    judge_and_score,
+)
 from dice_core.models import resolve_model
 from dice_core.store import ArtifactStore, check_run_id
 from flows.common import DEFAULT_STORE, RecipeChoice, recipe_path
@@ -37,7 +42,7 @@ def evaluate_task(
     config = load_recipe(recipe_path(recipe))
     subset = instruction_subset(config.evaluation)
     if outputs:
-        answers = load_model_outputs(outputs)
+        answers = align_outputs(load_model_outputs(outputs), subset, outputs)
     else:
         model_dir = resolve_model(model, CACHE_DIR / "models")
         answers = answer_instructions(
