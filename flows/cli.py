@@ -4,6 +4,7 @@ dice run recipes/cpu-smollm2.yaml            the whole job (round 0, then rounds
 dice validate recipes/zephyr-7b.yaml         check a recipe and print its launch plan
 dice generate|score|pairs|replay|train|evaluate ...   one stage on files
 dice runs list | dice runs show RUN_ID       what a store holds
+dice bench all [--store DIR --run-id ID]     engines against plain baselines, in one run
 """
 
 from __future__ import annotations
@@ -225,7 +226,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from dice_core.data import load_model_outputs
-    from dice_core.evaluation import answer_instructions, instruction_subset, judge_and_score
+    from dice_core.evaluation import (
+        align_outputs,
+        answer_instructions,
+        instruction_subset,
+        judge_and_score,
+    )
     from dice_core.models import resolve_model
 
     recipe = _recipe(args)
@@ -235,7 +241,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     subset = instruction_subset(config)
     cache = Path.home() / ".cache" / "dice"
     if args.outputs:
-        outputs = load_model_outputs(args.outputs)
+        outputs = align_outputs(load_model_outputs(args.outputs), subset, args.outputs)
     else:
         model = resolve_model(args.model, cache / "models")
         outputs = answer_instructions(
@@ -306,37 +312,15 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    import tempfile
+    from flows.bench import run_bench
 
-    from dice_core.data import load_pairs, load_prompts, sample_pairs
-    from dice_core.models import resolve_model
-
-    recipe = _recipe(args)
-    model = resolve_model(recipe.models.sft, Path.home() / ".cache" / "dice" / "models")
-    if args.part == "generation":
-        from dice_core.generation import benchmark_generation
-
-        prompts = [p["prompt"] for p in load_prompts(recipe.data.prompts)]
-        prompts = sorted(prompts, key=len)[: args.count]
-        result = benchmark_generation(model, prompts, recipe.generation)
-    else:
-        from dice_core.training import benchmark_reference_reuse
-
-        pairs = sample_pairs(
-            load_pairs(recipe.data.offline_pairs),
-            args.count,
-            recipe.data.seed,
-            recipe.round0.max_pair_chars,
-        )
-        config = recipe.training.model_copy(update={"max_steps": args.steps})
-        with tempfile.TemporaryDirectory(prefix="dice-bench-") as scratch:
-            result = benchmark_reference_reuse(model, pairs, config, Path(scratch))
-    for key, value in result.items():
-        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    run_bench(args, _recipe(args))
 
 
 # ------------------------------------------------------------------- parser
 def _parser() -> argparse.ArgumentParser:
+    from flows.bench import PARTS as BENCH_PARTS
+
     parser = argparse.ArgumentParser(prog="dice", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -420,10 +404,38 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_id")
     p.add_argument("--store")
 
-    p = command("bench", cmd_bench, "measure an engine against its plain baseline, in one run")
-    p.add_argument("part", choices=["generation", "training"])
-    p.add_argument("--count", type=int, default=8, help="prompts (generation) or pairs (training)")
-    p.add_argument("--steps", type=int, default=2, help="DPO steps (training)")
+    p = command("bench", cmd_bench, "measure each engine against its plain baseline, in one run")
+    p.set_defaults(recipe="cpu-smollm2")
+    p.add_argument("part", choices=[*BENCH_PARTS, "all"])
+    p.add_argument(
+        "--count",
+        type=int,
+        help="prompts (generation, default 4) or pairs (training, default 4; dpo, default one "
+        "global batch)",
+    )
+    p.add_argument("--steps", type=int, help="DPO steps (training, default 2; dpo, default 3)")
+    p.add_argument(
+        "--samples", type=int, default=24, help="scoring: UltraFeedback responses to score"
+    )
+    p.add_argument(
+        "--max-chars",
+        type=int,
+        default=1500,
+        help="scoring: longest pair (prompt, chosen and rejected, in characters) to take",
+    )
+    p.add_argument(
+        "--stretch", type=int, default=2, help="scoring: response repeats of the memory check"
+    )
+    p.add_argument("--prompts", type=int, default=60000, help="alpha: synthetic prompts")
+    p.add_argument("--k", type=int, default=16, help="alpha: samples per prompt")
+    p.add_argument("--seed", type=int, default=0, help="alpha: seed of the synthetic scores")
+    p.add_argument(
+        "--round-seconds",
+        type=float,
+        help="alpha: a round's wall time for its share (default: from --run-id, else 3600)",
+    )
+    p.add_argument("--store", help="store root of --run-id (overhead; alpha's round time)")
+    p.add_argument("--run-id", help="a finished run (overhead; alpha's round time)")
 
     p = command("runs", cmd_runs, "list runs or show one run's stages", recipe=False)
     p.add_argument("action", choices=["list", "show"])
