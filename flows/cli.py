@@ -88,14 +88,18 @@ def cmd_run(args: argparse.Namespace) -> None:
     if args.rounds is not None:
         overrides["run.rounds"] = args.rounds
     _store_block(args)
-    # Check recipe, models, run id and store (and fork) before Prefect starts, so a typo
-    # costs nothing; the flow then opens the run that exists.
-    from flows.common import start_run
+    from dice_core.config import load_recipe
+    from flows.common import check_models, recipe_path, start_run
+    from flows.prefect_api import prefect_api
 
-    ctx = start_run(args.recipe, args.run_id, args.store, overrides, args.fork_from)
-    rows = dice_run(
-        recipe=args.recipe, run_id=ctx.run_id, store=ctx.store_root, overrides=overrides or None
-    )
+    # A recipe typo or a missing model costs nothing: both are checked before any server
+    # starts. Then the run id and the store (and the fork), before the flow opens the run.
+    check_models(load_recipe(recipe_path(args.recipe), overrides))
+    with prefect_api():
+        ctx = start_run(args.recipe, args.run_id, args.store, overrides, args.fork_from)
+        rows = dice_run(
+            recipe=args.recipe, run_id=ctx.run_id, store=ctx.store_root, overrides=overrides or None
+        )
     print(summary_table(rows))
 
 

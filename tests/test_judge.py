@@ -7,6 +7,7 @@ random model whose label tokens were made likely, so answers are real forward pa
 from __future__ import annotations
 
 import json
+import os
 import select
 import subprocess
 import sys
@@ -40,6 +41,7 @@ from dice_core.judge import (
 from dice_core.judge_server import Faults, JudgeEngine, JudgeHTTPServer
 
 DATA = Path(__file__).resolve().parents[1] / "dice_core" / "data" / "alpaca_eval"
+ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = DATA / "annotations" / "alpaca-7b.weighted_alpaca_eval_gpt4_turbo.annotations.json"
 PLANTED_KEY = "sk-planted-7Qm2ZtX9vB4nL8pR"
 KEY_ENV = "DICE_TEST_JUDGE_KEY"
@@ -474,3 +476,56 @@ def test_make_judge_follows_the_recipe(servers, tmp_path):
     assert isinstance(judge, OpenAIJudge) and judge.base_url == servers["healthy"].url
     with pytest.raises(ValueError, match="SFT model folder"):
         make_judge(JudgeConfig(kind="local", model="sft"), None, None)
+
+
+def test_cli_evaluate_scores_an_outputs_file_in_alpaca_evals_formats(shipped, servers, tmp_path):
+    """`dice evaluate --outputs` judges someone else's outputs; alpaca_eval reads the result."""
+    from alpaca_eval.metrics import get_winrate
+
+    # alpaca-7b's answers (short enough for the tiny judge's context) to the first three
+    # instructions, then two more that the subset does not ask for, as an outputs file.
+    lines = (DATA / "instructions.jsonl").read_text().splitlines()
+    first = [json.loads(line)["instruction"] for line in lines[:3]]
+    answers = {row["instruction"]: row["output_2"] for row in shipped}
+    extra = [row["instruction"] for row in shipped if row["instruction"] not in first][:2]
+    source = [
+        {"instruction": instruction, "output": answers[instruction], "generator": "alpaca-7b"}
+        for instruction in extra + first[::-1]  # any order: matched by instruction
+    ]
+    outputs = tmp_path / "alpaca-7b.json"
+    outputs.write_text(json.dumps(source[:5]))  # more rows than asked for: the subset is picked
+    out = tmp_path / "scored"
+    command = [sys.executable, "-m", "flows.cli", "evaluate", "--outputs", str(outputs)]
+    command += ["--limit", "3", "--out", str(out), "--set", "evaluation.judge.kind=openai"]
+    command += ["--set", "evaluation.judge.model=tiny-judge"]
+    command += ["--set", f"evaluation.judge.base_url={servers['healthy'].url}"]
+    env = {**os.environ, "HOME": str(tmp_path)}  # a fresh judge cache
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    judged = json.loads((out / "model_outputs.json").read_text())
+    assert [row["instruction"] for row in judged] == first
+    annotations = json.loads((out / "annotations.json").read_text())
+    assert len(annotations) == 3
+    for row, instruction in zip(annotations, first, strict=True):
+        assert row["instruction"] == instruction
+        assert row["output_2"] == answers[instruction] and row["generator_2"] == "alpaca-7b"
+        assert row["generator_1"] == "gpt4_1106_preview" and 1.0 <= row["preference"] <= 2.0
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["win_rate"] == pytest.approx(get_winrate(annotations)["win_rate"], abs=1e-9)
+
+
+def test_an_outputs_file_missing_an_instruction_is_refused(tmp_path):
+    outputs = tmp_path / "partial.json"
+    lines = (DATA / "instructions.jsonl").read_text().splitlines()
+    first = [json.loads(line)["instruction"] for line in lines[:3]]
+    outputs.write_text(json.dumps([{"instruction": first[0], "output": "Hello."}]))
+    command = [sys.executable, "-m", "flows.cli", "evaluate", "--outputs", str(outputs)]
+    command += ["--limit", "3", "--out", str(tmp_path / "scored")]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"error: {outputs}: no record answers AlpacaEval instruction 1 ({first[1][:60]!r}); "
+        "the evaluation needs the first 3 instructions"
+    ]
+    assert not (tmp_path / "scored").exists()
