@@ -1,11 +1,13 @@
 """The Prefect UI in headless Chromium, on the stack the deployment tests share: the run form
 of dice-run, a Custom run of dice-round started from its page (run id and round typed in)
 that runs on the worker, and a finished round's artifacts. The screenshots in
-docs/screenshots/ come from these tests."""
+docs/screenshots/ come from these tests: `DICE_UPDATE_SCREENSHOTS=1` writes them there; without
+it they go to the test's temporary folder, and the checkout is left as it was."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 from prefect_stack import PROJECT_ROOT, PrefectStack, finished, launch_runs, shared_stack
 
 CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOTS = PROJECT_ROOT / "docs" / "screenshots"
+DOCS_SCREENSHOTS = PROJECT_ROOT / "docs" / "screenshots"
 # Debian's Chromium, headless, quiet: no sandbox (root), no GPU, nothing that calls out.
 CHROMIUM_FLAGS = [
     "--no-sandbox",
@@ -40,6 +42,13 @@ def stack(tmp_path_factory, sft_model_dir) -> PrefectStack:
     with shared_stack(tmp_path_factory.mktemp("prefect")) as running:
         launch_runs(running, sft_model_dir)
         yield running
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    if os.environ.get("DICE_UPDATE_SCREENSHOTS") == "1":
+        return DOCS_SCREENSHOTS
+    return tmp_path_factory.mktemp("screenshots")
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +101,13 @@ def new_run(stack: PrefectStack, before: set[str], page, timeout: float = 60) ->
             (flow_run_id,) = created
             return flow_run_id
         time.sleep(1)
-    page.screenshot(path=stack.root / "submit-failed.png", full_page=True)
-    raise AssertionError(f"no dice-round run {timeout:.0f} s after Submit; see submit-failed.png")
+    shot = stack.root / "submit-failed.png"
+    page.screenshot(path=shot, full_page=True)
+    shown = page.locator("body").inner_text()[-1500:]
+    raise AssertionError(f"no dice-round run {timeout:.0f} s after Submit ({shot}); page:\n{shown}")
 
 
-def test_dice_run_form_lists_the_recipes(stack, page):
+def test_dice_run_form_lists_the_recipes(stack, page, shots):
     open_deployment(page, stack, "dice-run")
     open_custom_run(page)
     recipe = parameter(page, "recipe")
@@ -104,10 +115,10 @@ def test_dice_run_form_lists_the_recipes(stack, page):
     recipe.get_by_role("button", name="recipe file").wait_for()
     assert "cpu-smollm2" in recipe.inner_text()
     page.wait_for_load_state("networkidle")
-    page.screenshot(path=SCREENSHOTS / "dice-run-form.png", full_page=True)
+    page.screenshot(path=shots / "dice-run-form.png", full_page=True)
 
 
-def test_custom_run_from_the_ui_resumes_a_round(stack, page):
+def test_custom_run_from_the_ui_resumes_a_round(stack, page, shots):
     """The dice-round deployment started from its page with run_id and round typed into the
     Custom run form: round 1 of the run the API test made. Its stages are complete, so the
     run recomputes nothing and publishes the round's report and overview again."""
@@ -119,14 +130,18 @@ def test_custom_run_from_the_ui_resumes_a_round(stack, page):
     open_deployment(page, stack, "dice-round")
     page.get_by_text("At 02:00 AM every day").wait_for()  # the paused nightly schedule
     page.wait_for_load_state("networkidle")
-    page.screenshot(path=SCREENSHOTS / "deployment-dice-round.png")
+    page.screenshot(path=shots / "deployment-dice-round.png")
 
     open_custom_run(page)
     parameter(page, "run_id").locator("textarea").fill("api-run")
     round_ = parameter(page, "round")
     round_.get_by_role("button", name="int", exact=True).click()
     round_.locator("input").fill("1")
-    page.screenshot(path=SCREENSHOTS / "dice-round-custom-run.png", full_page=True)
+    # Leave the field and let the form settle: on a busy machine a Submit sent before the
+    # form has taken the typed value is refused by its own validation.
+    round_.locator("input").press("Tab")
+    page.wait_for_load_state("networkidle")
+    page.screenshot(path=shots / "dice-round-custom-run.png", full_page=True)
     before = {r["id"] for r in dice_round_runs(stack)}
     page.get_by_role("button", name="Submit").click()
     flow_run_id = new_run(stack, before, page)
@@ -140,7 +155,7 @@ def test_custom_run_from_the_ui_resumes_a_round(stack, page):
     print(f"\ndice-round from the UI: {run['total_run_time']:.0f} s of run time")
 
 
-def test_a_finished_round_shows_its_artifacts(stack, page):
+def test_a_finished_round_shows_its_artifacts(stack, page, shots):
     """Round 1 of the API test's run, as the UI shows it: every stage's artifact, and the
     round's overview."""
     api_run = finished(stack, "api-run")
@@ -155,10 +170,10 @@ def test_a_finished_round_shows_its_artifacts(stack, page):
     overview.wait_for()
     page.locator(".artifact-card__title", has_text="api-run-round-1-pairs-table").wait_for()
     page.wait_for_load_state("networkidle")
-    page.screenshot(path=SCREENSHOTS / "round-artifacts.png")
+    page.screenshot(path=shots / "round-artifacts.png")
 
     overview.click()
     page.get_by_text("Chosen and rejected, first pairs").wait_for()
     page.set_viewport_size({"width": 1400, "height": 2400})
     page.wait_for_load_state("networkidle")
-    page.screenshot(path=SCREENSHOTS / "round-overview.png", full_page=True)
+    page.screenshot(path=shots / "round-overview.png", full_page=True)
