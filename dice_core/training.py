@@ -1151,7 +1151,11 @@ def trl_defaults(scratch: Path) -> dict[str, Any]:
     from trl import DPOConfig
 
     args = DPOConfig(output_dir=str(scratch), use_cpu=not has_accelerator())
-    found = {name: getattr(args, name) for name in TRL_DEFAULT_FIELDS}
+    # Enum fields (the scheduler) are reported by their value.
+    found = {
+        name: getattr(getattr(args, name), "value", getattr(args, name))
+        for name in TRL_DEFAULT_FIELDS
+    }
     return {"trl_version": trl.__version__, "use_cpu": args.use_cpu, **found}
 
 
