@@ -1174,22 +1174,38 @@ def benchmark_against_trl(
     real (unpadded) tokens the same way (TRL's `num_tokens`) and time the optimiser steps
     alone. With as many pairs as a step's global batch, every step of both sees every pair.
 
+    The loss curves are compared against a third run, TRL's defaults with bf16 off: bf16
+    autocast alone moves TRL's curve away from any fp32 run's (its rounding of the logits
+    changes the updates), so only a run at the same precision can show that our path
+    computes the same losses.
+
     Args:
         policy_dir: The start policy, which is also the reference.
         pairs: `{prompt, chosen, rejected}` rows.
         config: Our DPO settings (steps, batch, learning rate, cutoff, checkpointing).
-        scratch: A folder for both runs' outputs.
+        scratch: A folder for the runs' outputs.
 
     Returns:
-        Seconds, tokens and tokens/s of each, their ratio, the two loss curves and their
-        largest difference, and TRL's defaults (`trl_defaults`).
+        Seconds, tokens and tokens/s of each run (`ours`, `trl`, `trl_fp32`), the speed
+        ratios, the loss curves, the largest difference of ours against each TRL run, and
+        TRL's defaults (`trl_defaults`).
     """
     config = effective_config(config).model_copy(update=_TRL_SCHEDULE)
     supplied = _with_reference_logps(policy_dir, pairs)
-    ours = train_dpo(policy_dir, supplied, config, scratch / "ours", label="bench-ours")
-    theirs = _train_with_trl_defaults(policy_dir, pairs, config, scratch / "trl")
-    result: dict[str, Any] = {"pairs": len(pairs), "global_batch": ours.global_batch}
-    for name, metrics in (("ours", ours.metrics), ("trl", theirs)):
+    runs = {
+        "ours": train_dpo(
+            policy_dir, supplied, config, scratch / "ours", label="bench-ours"
+        ).metrics,
+        "trl": _train_with_trl_defaults(policy_dir, pairs, config, scratch / "trl"),
+        "trl_fp32": _train_with_trl_defaults(
+            policy_dir, pairs, config, scratch / "trl-fp32", bf16=False
+        ),
+    }
+    result: dict[str, Any] = {
+        "pairs": len(pairs),
+        "global_batch": build_launch_plan(config).global_batch,
+    }
+    for name, metrics in runs.items():
         seconds = sum(m["seconds"] for m in metrics)
         tokens = sum(m["tokens"] for m in metrics)
         result.update(
@@ -1201,18 +1217,22 @@ def benchmark_against_trl(
                 f"{name}_losses": [m["loss"] for m in metrics],
             }
         )
-    result["ratio_ours_over_trl"] = result["ours_tokens_per_s"] / result["trl_tokens_per_s"]
-    steps = zip(result["ours_losses"], result["trl_losses"], strict=True)
-    result["max_loss_diff"] = max(abs(a - b) for a, b in steps)
+    for name in ("trl", "trl_fp32"):
+        result[f"ratio_ours_over_{name}"] = (
+            result["ours_tokens_per_s"] / result[f"{name}_tokens_per_s"]
+        )
+        steps = zip(result["ours_losses"], result[f"{name}_losses"], strict=True)
+        result[f"max_loss_diff_{name}"] = max(abs(a - b) for a, b in steps)
     result["trl_defaults"] = trl_defaults(scratch / "defaults")
     return result
 
 
 def _train_with_trl_defaults(
-    policy_dir: Path, pairs: list[dict], config: TrainingConfig, scratch: Path
+    policy_dir: Path, pairs: list[dict], config: TrainingConfig, scratch: Path, **changed: Any
 ) -> list[dict]:
-    """TRL's DPOTrainer under DPOConfig defaults on the chat-rendered pairs; each step's
-    metrics as `_StepLog` records them. Nothing is saved and no telemetry is sent."""
+    """TRL's DPOTrainer under DPOConfig defaults (but for the `changed` settings) on the
+    chat-rendered pairs; each step's metrics as `_StepLog` records them. Nothing is saved
+    and no telemetry is sent."""
     from datasets import Dataset
     from transformers import PrinterCallback, ProgressCallback
     from trl import DPOConfig, DPOTrainer
@@ -1237,6 +1257,7 @@ def _train_with_trl_defaults(
         max_length=config.max_length,
         use_cpu=not has_accelerator(),
         logging_steps=1,
+        **changed,
     )
     metrics: list[dict] = []
     callback = _step_callback(config.max_steps, "bench-trl", None, metrics)

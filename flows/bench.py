@@ -193,18 +193,27 @@ def _dpo(args: argparse.Namespace, recipe: Recipe) -> list[Row]:
         f"| ours: fp32, supplied reference, gradient checkpointing "
         f"{'on' if config.gradient_checkpointing else 'off'}"
     )
-    print(f"{'':<5} {'tokens':>7} {'seconds':>8} {'tokens/s':>9}")
-    for name in ("ours", "trl"):
+    names = {"ours": "ours", "trl": "TRL defaults", "trl_fp32": "TRL, bf16 off"}
+    print(f"{'':<14} {'tokens':>7} {'seconds':>8} {'tokens/s':>9}")
+    for key, name in names.items():
         print(
-            f"{name:<5} {r[name + '_tokens']:>7} {r[name + '_seconds']:>8.1f} "
-            f"{r[name + '_tokens_per_s']:>9.1f}"
+            f"{name:<14} {r[key + '_tokens']:>7} {r[key + '_seconds']:>8.1f} "
+            f"{r[key + '_tokens_per_s']:>9.1f}"
         )
-    print(f"ours / TRL tokens/s: {r['ratio_ours_over_trl']:.2f}")
-    print(f"{'step':>4} {'loss ours':>10} {'loss TRL':>10} {'diff':>9}")
-    for step, (a, b) in enumerate(zip(r["ours_losses"], r["trl_losses"], strict=True), 1):
-        print(f"{step:>4} {a:>10.5f} {b:>10.5f} {a - b:>9.2e}")
-    verdict = "within" if r["max_loss_diff"] <= DPO_LOSS_TOLERANCE else "OUTSIDE"
-    print(f"max |loss diff|: {r['max_loss_diff']:.2e} ({verdict} tolerance {DPO_LOSS_TOLERANCE:g})")
+    print(
+        f"ours / TRL defaults tokens/s: {r['ratio_ours_over_trl']:.2f} | ours / TRL with bf16 "
+        f"off: {r['ratio_ours_over_trl_fp32']:.2f}"
+    )
+    print(f"{'step':>4} {'ours':>10} {'TRL, bf16 off':>14} {'diff':>9} {'TRL defaults':>13}")
+    losses = zip(r["ours_losses"], r["trl_fp32_losses"], r["trl_losses"], strict=True)
+    for step, (ours, fp32, default) in enumerate(losses, 1):
+        print(f"{step:>4} {ours:>10.5f} {fp32:>14.5f} {ours - fp32:>9.2e} {default:>13.5f}")
+    verdict = "within" if r["max_loss_diff_trl_fp32"] <= DPO_LOSS_TOLERANCE else "OUTSIDE"
+    print(
+        f"max |loss diff| against TRL with bf16 off: {r['max_loss_diff_trl_fp32']:.2e} "
+        f"({verdict} tolerance {DPO_LOSS_TOLERANCE:g}); against TRL's defaults (bf16 "
+        f"autocast): {r['max_loss_diff_trl']:.2e}"
+    )
     return [
         (
             "dpo",
@@ -215,8 +224,8 @@ def _dpo(args: argparse.Namespace, recipe: Recipe) -> list[Row]:
         ),
         (
             "dpo",
-            f"max |loss diff| over {config.max_steps} steps",
-            f"{r['max_loss_diff']:.2e}",
+            f"max |loss diff| over {config.max_steps} steps vs TRL, bf16 off",
+            f"{r['max_loss_diff_trl_fp32']:.2e}",
             f"tol {DPO_LOSS_TOLERANCE:g}",
             verdict,
         ),
@@ -260,11 +269,12 @@ BENCHES: dict[str, Callable[[argparse.Namespace, Recipe], list[Row]]] = {
     "overhead": _overhead,
 }
 SIDES = ("chosen", "rejected")
-# Largest step-by-step difference accepted between our DPO losses and TRL's. Both start at
-# log 2 (policy = reference); then TRL's bf16 autocast (ours is fp32) rounds logits of size ~10
-# to ~0.05, up to ~0.5 over a few hundred tokens of a log-prob sum once policy and reference
-# weights differ: 0.05 of margin at beta 0.1, about half of that in the loss.
-DPO_LOSS_TOLERANCE = 0.05
+# Largest step-by-step difference accepted between our DPO losses and TRL's at the same
+# precision (fp32): the same forward passes in another order of summation, measured at 2e-6
+# after one update. TRL's defaults autocast to bf16, whose rounding changes the updates
+# themselves: after one step their loss differs from any fp32 run's by about 0.2, so that
+# curve is printed beside ours but not held to a tolerance.
+DPO_LOSS_TOLERANCE = 1e-4
 
 
 # ------------------------------------------------------------------------------- helpers
