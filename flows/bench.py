@@ -46,7 +46,10 @@ def _generation(args: argparse.Namespace, recipe: Recipe) -> list[Row]:
     from dice_core.generation import benchmark_generation
 
     prompts = sorted((p["prompt"] for p in load_prompts(recipe.data.prompts)), key=len)
-    result = benchmark_generation(_model(recipe), prompts[: args.count or 4], recipe.generation)
+    # By default as many prompts as fill the engine's batch with their samples, as in a round.
+    config = recipe.generation
+    count = args.count or -(-config.batch_size // config.samples_per_prompt)
+    result = benchmark_generation(_model(recipe), prompts[:count], config)
     _print_values(result)
     return [
         (

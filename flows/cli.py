@@ -414,8 +414,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--count",
         type=int,
-        help="prompts (generation, default 4) or pairs (training, default 4; dpo, default one "
-        "global batch)",
+        help="prompts (generation, default: enough to fill the recipe's batch) or pairs "
+        "(training, default 4; dpo, default one global batch)",
     )
     p.add_argument("--steps", type=int, help="DPO steps (training, default 2; dpo, default 3)")
     p.add_argument(
