@@ -21,6 +21,8 @@ from typing import Any
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "dice_core")
+# Stage commands and benchmarks run outside any flow: their lines stay on the console.
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from dice_core.errors import DiceError  # noqa: E402
