@@ -3,6 +3,8 @@ from a run's records, the scorers' agreement check, TRL's defaults as the bench 
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -167,7 +169,9 @@ def test_round_record_is_kept_when_a_resumed_flow_ran_no_stage(tmp_path):
     store.write_json(f"runs/r2/round-1/generation/{COMPLETE}", done)
     write_round_record(ctx, 1, round_clock())
     assert store.read_json(round_record_key("r2", 1)) == first
-    # A flow in which a stage ran replaces it.
+    # A flow in which a stage ran replaces it (started a moment later: the records keep
+    # milliseconds, and on a fast machine all of the above fits in one).
+    time.sleep(0.01)
     started = round_clock()
     now = datetime.now(UTC).isoformat(timespec="seconds")
     store.write_json(
