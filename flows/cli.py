@@ -83,6 +83,50 @@ def _store_block(args: argparse.Namespace) -> None:
         os.environ[STORE_BLOCK_ENV] = args.store_block
 
 
+def _stop_on_interrupt() -> None:
+    """Ctrl-C (or SIGTERM) stops `dice run` at once, with everything it started.
+
+    The run is safe to kill at any point (a stage counts only once its completion record is
+    written, and a rerun with the same run id resumes), so an interrupt is a kill: Prefect
+    would otherwise take the loss of its server for a network error and retry the task,
+    and the training child, in a session of its own, would go on.
+    """
+    import signal
+
+    def stop(signum: int, frame: Any) -> None:
+        print(
+            f"interrupted ({signal.Signals(signum).name}): the run stops here; rerun the same "
+            "command with its --run-id to resume it",
+            file=sys.stderr,
+            flush=True,
+        )
+        for pid in _descendants(os.getpid()):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
+def _descendants(root: int) -> list[int]:
+    """Every process below `root`, read from /proc (children before their own children)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(") ", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found, frontier = [], [root]
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from flows.dice_run import dice_run, summary_table
 
@@ -97,6 +141,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     # A recipe typo or a missing model costs nothing: both are checked before any server
     # starts. Then the run id and the store (and the fork), before the flow opens the run.
     check_models(load_recipe(recipe_path(args.recipe), overrides))
+    _stop_on_interrupt()
     with prefect_api():
         ctx = start_run(args.recipe, args.run_id, args.store, overrides, args.fork_from)
         rows = dice_run(

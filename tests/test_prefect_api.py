@@ -78,3 +78,66 @@ def test_sigkill_of_dice_run_stops_its_prefect_server(tmp_path):
         if server and _alive(server):
             os.kill(server, signal.SIGKILL)
         process.stdout.close()
+
+
+def _descendants(root: int) -> list[int]:
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(") ", 1)[1].split()[1])
+        except (FileNotFoundError, IndexError, ValueError):
+            continue
+    found, frontier = [], [root]
+    while frontier:
+        frontier = [pid for pid, parent in parents.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_ctrl_c_stops_dice_run_and_all_it_started(tmp_path):
+    """SIGINT to the run's process group, as a terminal's Ctrl-C sends it, during training:
+    the run exits with 130 and one line, and every process it started is gone."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    command = [sys.executable, "-m", "flows.cli", "run", "tiny"]
+    command += ["--store", str(tmp_path / "store"), "--run-id", "c"]
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines, started = [], []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if "dpo 1/" in line:  # round 0's DPO is at work
+                break
+        started = _descendants(process.pid)
+        assert started, "".join(lines[-30:])  # its Prefect server at least
+        os.killpg(process.pid, signal.SIGINT)
+        rest = process.communicate(timeout=60)[0]
+        assert process.returncode == 130, rest[-3000:]
+        assert "interrupted (SIGINT)" in rest
+        deadline = time.monotonic() + 10
+        while any(_running(pid) for pid in started) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in started if _running(pid)]
+    finally:
+        for pid in [process.pid, *started]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        process.wait()
