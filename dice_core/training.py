@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from dice_core.config import TrainingConfig
-from dice_core.errors import DataError, StageError
+from dice_core.errors import DataError, RecipeError, StageError
 
 # Named, not __name__: the launched child runs this module as __main__.
 log = logging.getLogger("dice_core.training")
@@ -120,13 +120,13 @@ def build_launch_plan(config: TrainingConfig) -> LaunchPlan:
         The plan: global batch = per-device batch x accumulation x processes.
 
     Raises:
-        ValueError: `global_batch_size` is set and differs from that product.
+        RecipeError: `global_batch_size` is set and differs from that product.
     """
     global_batch = (
         config.per_device_batch_size * config.gradient_accumulation_steps * config.num_processes
     )
     if config.global_batch_size is not None and config.global_batch_size != global_batch:
-        raise ValueError(
+        raise RecipeError(
             f"training.global_batch_size is {config.global_batch_size}, but "
             f"training.per_device_batch_size ({config.per_device_batch_size}) x "
             f"training.gradient_accumulation_steps ({config.gradient_accumulation_steps}) x "

@@ -135,12 +135,13 @@ def cmd_run(args: argparse.Namespace) -> None:
         overrides["run.rounds"] = args.rounds
     _store_block(args)
     from dice_core.config import load_recipe
-    from flows.common import check_models, recipe_path, start_run
+    from flows.common import check_inputs, recipe_path, start_run
     from flows.prefect_api import prefect_api
 
-    # A recipe typo or a missing model costs nothing: both are checked before any server
-    # starts. Then the run id and the store (and the fork), before the flow opens the run.
-    check_models(load_recipe(recipe_path(args.recipe), overrides))
+    # A recipe typo, a missing model or a bad data file costs nothing: all are checked
+    # before any server starts. Then the run id and the store (and the fork), before the
+    # flow opens the run.
+    check_inputs(load_recipe(recipe_path(args.recipe), overrides))
     _stop_on_interrupt()
     with prefect_api():
         ctx = start_run(args.recipe, args.run_id, args.store, overrides, args.fork_from)

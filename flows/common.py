@@ -60,7 +60,7 @@ def start_run(
     """Validate the recipe and the store, then create or reopen the run's manifest; with
     `fork_from` (`RUN_ID:ROUND`), first copy that run's completed rounds below ROUND."""
     config = load_recipe(recipe_path(recipe), overrides)
-    check_models(config)
+    check_inputs(config)
     run_id = check_run_id(default_run_id(config) if run_id is None else run_id)
     artifact_store = open_store(store or DEFAULT_STORE)
     artifact_store.check_writable()
@@ -80,6 +80,30 @@ def start_run(
     else:
         open_run(artifact_store, run_id, config, code_version())
     return RunContext(run_id=run_id, store_root=artifact_store.root_url, recipe=config)
+
+
+def check_inputs(config: Recipe) -> None:
+    """Fail before any work on what a run would otherwise meet late: a model path that does
+    not exist, a bad line in a prompts or pairs file, too few prompts for the rounds, a
+    training batch that contradicts itself."""
+    from dice_core.data import draw_round_prompts, load_pairs, load_prompts
+    from dice_core.training import build_launch_plan
+
+    check_models(config)
+    data = config.data
+    pool = load_prompts(data.prompts)
+    if config.run.rounds >= 1:
+        draw_round_prompts(
+            pool,
+            config.run.rounds,
+            data.prompts_per_round,
+            data.seed,
+            data.fresh_prompts_each_round,
+        )
+    load_pairs(data.offline_pairs)
+    load_pairs(data.heldout_pairs)
+    build_launch_plan(config.training)
+    build_launch_plan(config.round0.training)
 
 
 def check_models(config: Recipe) -> None:

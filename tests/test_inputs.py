@@ -159,6 +159,22 @@ def test_cli_run_refuses_bad_recipe_before_any_work(tmp_path):
     assert not store.exists()
 
 
+def test_cli_run_refuses_bad_data_and_batches_before_any_work(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "b"\n')
+    store = tmp_path / "store"
+    cases = {
+        f"data.prompts={prompts}": f"{prompts}: line 2: invalid JSON",
+        "training.global_batch_size=7": "training.global_batch_size is 7",
+        "data.prompts_per_round=1000": "prompts",
+    }
+    for override, expected in cases.items():
+        result = dice("run", "tiny", "--store", str(store), "--set", override)
+        assert result.returncode == 2 and expected in result.stderr, (override, result.stderr)
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert not store.exists()
+
+
 def test_cli_run_refuses_missing_model_and_unwritable_store(tmp_path):
     result = dice(
         "run",

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from dice_core.config import DeepSpeedConfig, RewardsConfig, TrainingConfig
+from dice_core.errors import RecipeError
 from dice_core.training import (
     build_launch_plan,
     deepspeed_config,
@@ -132,7 +133,7 @@ def test_launch_plan_layout_and_refusal():
     zero = build_launch_plan(_config(deepspeed=DeepSpeedConfig(zero_stage=3)))
     assert zero.zero_stage == 3 and zero.distributed and zero.processes == 1
 
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(RecipeError) as error:
         build_launch_plan(_config(num_processes=2, global_batch_size=32))
     message = str(error.value)
     for field in (
@@ -147,7 +148,7 @@ def test_launch_plan_layout_and_refusal():
 
 def test_train_dpo_refuses_a_contradictory_batch_before_any_work(tmp_path):
     config = _config(global_batch_size=3)
-    with pytest.raises(ValueError, match="global_batch_size"):
+    with pytest.raises(RecipeError, match="global_batch_size"):
         train_dpo(tmp_path / "no-model", _pairs(2), config, tmp_path / "out")
     assert not any(tmp_path.iterdir())
 
