@@ -144,6 +144,8 @@ def load_model_outputs(path: str | Path) -> list[dict[str, Any]]:
         records = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: invalid JSON at line {error.lineno} ({error.msg})") from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text (byte {error.start})") from None
     if not isinstance(records, list) or not records:
         raise DataError(f"{path}: expected a non-empty JSON list of outputs")
     for number, record in enumerate(records):

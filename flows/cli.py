@@ -245,11 +245,12 @@ def cmd_pairs(args: argparse.Namespace) -> None:
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
-    from dice_core.config import ReplayConfig
+    from dice_core.config import parse_recipe
     from dice_core.data import load_pairs
     from dice_core.replay import mix
 
-    config = ReplayConfig(gamma=args.gamma, seed=args.seed)
+    config = parse_recipe({"replay": {"gamma": args.gamma, "seed": args.seed}}, "--gamma/--seed")
+    config = config.replay
     on_policy = load_pairs(args.pairs)
     offline = load_pairs(args.offline) if config.gamma else []
     rows, counts = mix(on_policy, offline, config)
@@ -355,11 +356,14 @@ def cmd_report(args: argparse.Namespace) -> None:
     from tasks.report import build_report
 
     ctx = reopen_run(args.run_id, args.store)
+    key = None
     for round_ in range(ctx.recipe.run.rounds + 1):
         if not ctx.store.list(f"runs/{ctx.run_id}/round-{round_}"):
             break
         key = build_report(ctx, round_)
         print(f"round {round_}: {ctx.store.root_url}/{key}")
+    if key is None:
+        raise DiceError(f"run {ctx.run_id} has no round yet: nothing to report")
     print(ctx.store.read_text(key))
 
 

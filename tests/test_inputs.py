@@ -221,3 +221,15 @@ def test_cli_pairs_on_files(tmp_path):
     pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     assert [p["prompt"] for p in pairs] == ["a", "b"]
     assert json.loads((tmp_path / "curve.json").read_text())["curve"]
+
+
+def test_cli_stage_commands_give_one_line_for_bad_values_and_bytes(tmp_path):
+    result = dice("replay", "--pairs", "x.jsonl", "--gamma", "1", "--out", str(tmp_path / "t"))
+    assert result.returncode == 2 and "gamma = 1 is not allowed" in result.stderr
+    assert "Traceback" not in result.stderr
+    outputs = tmp_path / "outputs.json"
+    outputs.write_bytes(b'[{"instruction": "\xff", "output": "x"}]')
+    result = dice("evaluate", "--outputs", str(outputs), "--out", str(tmp_path / "e"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {outputs}: not UTF-8 text (byte 18)"
+    assert not (tmp_path / "t").exists() and not (tmp_path / "e").exists()
