@@ -213,7 +213,10 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 
 def cmd_pairs(args: argparse.Namespace) -> None:
+    import math
+
     from dice_core.data import read_jsonl
+    from dice_core.errors import DataError
     from dice_core.pairs import build_pairs
 
     recipe = _recipe(args)
@@ -225,7 +228,13 @@ def cmd_pairs(args: argparse.Namespace) -> None:
         "reward": (int, float),
     }
     rows = read_jsonl(args.rewards, fields)
-    for row in rows:
+    for number, row in enumerate(rows, 1):
+        reward = row["reward"]
+        if isinstance(reward, bool) or not math.isfinite(reward):
+            raise DataError(
+                f"{args.rewards}: record {number}: field `reward` must be a finite number "
+                f"(got {reward!r})"
+            )
         row.setdefault("prompt_id", row["prompt"])
     pairs, search, report = build_pairs(rows, recipe.pairs)
     _write_jsonl(args.out, pairs)

@@ -233,3 +233,14 @@ def test_cli_stage_commands_give_one_line_for_bad_values_and_bytes(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {outputs}: not UTF-8 text (byte 18)"
     assert not (tmp_path / "t").exists() and not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("reward", ["NaN", "Infinity", "true"])
+def test_cli_pairs_refuses_a_reward_that_is_not_a_finite_number(tmp_path, reward):
+    rewards = tmp_path / "rewards.jsonl"
+    row = '{"prompt": "p", "sample_index": 0, "response": "hello", "finish_reason": "stop"'
+    rewards.write_text(f'{row}, "reward": 1.5}}\n{row}, "reward": {reward}}}\n')
+    result = dice("pairs", "--rewards", str(rewards), "--out", str(tmp_path / "pairs.jsonl"))
+    assert result.returncode == 2
+    assert f"{rewards}: record 2: field `reward` must be a finite number" in result.stderr
+    assert not (tmp_path / "pairs.jsonl").exists()
