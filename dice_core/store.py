@@ -231,6 +231,11 @@ class ArtifactStore:
             return StoreError(f"{where}: the bucket {bucket!r} does not exist (create it first)")
         if isinstance(error, FileNotFoundError):
             return StoreError(f"{where}: {key or self.root} does not exist")
+        if isinstance(error, PermissionError) and self.is_local:
+            return StoreError(
+                f"{where}: permission denied when trying to {action} ({text}); check the "
+                "folder's owner and mode"
+            )
         if isinstance(error, PermissionError):
             return StoreError(
                 f"{where}: access denied when trying to {action} ({text}); check the "
