@@ -46,8 +46,9 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(VLLM_VENV)/bin/python -c "import vllm, dice_core.generation"
 	touch $@
 
+# A fixed run id: `make run` again after an interruption resumes the same run.
 run: setup
-	$(VENV)/bin/dice run recipes/cpu-smollm2.yaml
+	$(VENV)/bin/dice run recipes/cpu-smollm2.yaml --run-id cpu-default
 
 test: setup setup-ui
 	$(PY) -m pytest -q
