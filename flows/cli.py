@@ -10,10 +10,12 @@ dice bench all [--store DIR --run-id ID]     engines against plain baselines, in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +85,8 @@ def _store_block(args: argparse.Namespace) -> None:
         os.environ[STORE_BLOCK_ENV] = args.store_block
 
 
-def _stop_on_interrupt() -> None:
+@contextlib.contextmanager
+def _stop_on_interrupt() -> Iterator[None]:
     """Ctrl-C (or SIGTERM) stops `dice run` at once, with everything it started.
 
     The run is safe to kill at any point (a stage counts only once its completion record is
@@ -107,8 +110,12 @@ def _stop_on_interrupt() -> None:
                 pass
         os._exit(130)
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _descendants(root: int) -> list[int]:
@@ -142,8 +149,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     # before any server starts. Then the run id and the store (and the fork), before the
     # flow opens the run.
     check_inputs(load_recipe(recipe_path(args.recipe), overrides))
-    _stop_on_interrupt()
-    with prefect_api():
+    with _stop_on_interrupt(), prefect_api():
         ctx = start_run(args.recipe, args.run_id, args.store, overrides, args.fork_from)
         rows = dice_run(
             recipe=args.recipe, run_id=ctx.run_id, store=ctx.store_root, overrides=overrides or None
